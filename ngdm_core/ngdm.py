@@ -1,0 +1,207 @@
+"""NGDM: a soft weight map and sampling where each pixel starts denoising at its own time.
+
+Pixel ``k`` noised at rate ``lambda_k * beta(t)`` matches an isotropic process run to a
+shorter time with ``alpha_bar(T_k) = alpha_bar(T) ** lambda_k`` (the paper's Lemma 1). In
+sigma form this is ``sigma_k = sqrt((1 + sigma_T^2) ** lambda_k - 1)``, which needs no beta
+schedule, so it serves any VP model and, through the same-SNR mapping, flow models.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from .samplers import sample_euler
+from .schedule import FLOW_MAX_VP_SIGMA, check_parametrization, flow_to_vp_sigma, noise_source, vp_to_flow_sigma
+from .validation import (require_at_least, require_finite_number, require_finite_tensor, require_map_matches,
+                         require_positive, require_sigma_schedule, require_unit_interval)
+
+MAPPINGS = ("ngdm", "linear")
+WEIGHT_MAP_MODES = ("ngdm", "diffedit")
+
+
+def power_law_start_sigmas(weights: torch.Tensor, sigma_max, parametrization: str = "vp") -> torch.Tensor:
+    """Per-pixel start sigma ``sqrt((1 + sigma_max^2) ** weights - 1)``: 0 for weight 0, ``sigma_max`` for 1."""
+    check_parametrization(parametrization)
+    sigma_max = torch.as_tensor(sigma_max, dtype=weights.dtype, device=weights.device)
+    vp_max = sigma_max
+    if parametrization == "flow":
+        vp_max = torch.clamp(flow_to_vp_sigma(sigma_max), max=FLOW_MAX_VP_SIGMA)
+    # expm1/log1p keep small weights accurate, where (1 + s^2) ** w - 1 would cancel.
+    start = torch.sqrt(torch.expm1(weights * torch.log1p(vp_max**2)))
+    if parametrization == "flow":
+        start = vp_to_flow_sigma(start)
+    # Weight 1 must start exactly at the first step, not a rounding error below it.
+    return torch.where(weights >= 1, sigma_max, start)
+
+
+def linear_start_sigmas(weights: torch.Tensor, sigmas: torch.Tensor, to_timestep=None, to_sigma=None,
+                        sigma_min: float = 0.0) -> torch.Tensor:
+    """ComfyUI DifferentialDiffusion's mapping: a pixel starts once the normalised timestep drops to its weight.
+
+    ``to_timestep``/``to_sigma`` are the model's conversions (identity when omitted), and the
+    end of the range is ``max(sigma_min, sigmas[-1])`` as in DifferentialDiffusion.
+    """
+    to_timestep = to_timestep or (lambda s: s)
+    to_sigma = to_sigma or (lambda t: t)
+    sigma_from = sigmas[0]
+    sigma_to = torch.clamp(sigmas[-1], min=sigma_min)
+    t_from, t_to = to_timestep(sigma_from), to_timestep(sigma_to)
+    start = to_sigma(t_to + weights * (t_from - t_to)).to(weights.dtype)
+    return torch.where(weights >= 1, sigma_from.to(weights.dtype), start)
+
+
+def start_sigmas(weights: torch.Tensor, sigmas: torch.Tensor, mapping: str = "ngdm", parametrization: str = "vp",
+                 to_timestep=None, to_sigma=None, sigma_min: float = 0.0) -> torch.Tensor:
+    """Per-pixel start sigma for a run over ``sigmas`` with weights in [0, 1]."""
+    if mapping == "ngdm":
+        return power_law_start_sigmas(weights, sigmas[0], parametrization)
+    if mapping == "linear":
+        return linear_start_sigmas(weights, sigmas, to_timestep, to_sigma, sigma_min)
+    raise ValueError(f"mapping must be one of {MAPPINGS}, got {mapping!r}")
+
+
+def started(sigma, start: torch.Tensor) -> torch.Tensor:
+    """True where a pixel is denoised at noise level ``sigma``: it has started once ``sigma <= sigma_k``."""
+    sigma = torch.as_tensor(sigma, device=start.device).reshape(-1, *([1] * (start.ndim - 1)))
+    return sigma <= start
+
+
+def per_pixel_time_denoiser(model, source: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor,
+                            start: torch.Tensor, parametrization: str = "vp"):
+    """Wrap ``model(x, sigma, **kw) -> x0`` so pixels that have not started follow ``source`` along ``noise``.
+
+    Before every model call, each pixel that was still held at the schedule's previous sigma
+    is reset to the noised source (Algorithm 1, line 7): held pixels stay on it, and a pixel
+    starts from it. The reset writes into ``x`` in place because ``x`` is the sampler's own
+    state: that is how ancestral and SDE samplers, which add fresh noise between calls, keep
+    the one fixed ``noise``. Where a pixel is held, the prediction is replaced by the source.
+    """
+    def denoise(x, sigma, **extra_args):
+        hold = ~started(sigma, start)
+        earlier = sigmas[sigmas > torch.as_tensor(sigma).reshape(-1)[0].to(sigmas)]
+        reset = ~started(earlier.min(), start) if earlier.numel() else hold
+        x.copy_(torch.where(reset, noise_source(source, noise, sigma, parametrization), x))
+        return torch.where(hold, source, model(x, sigma, **extra_args))
+
+    return denoise
+
+
+def sample_per_pixel_time(denoiser, source: torch.Tensor, weights: torch.Tensor, sigmas: torch.Tensor,
+                          noise: torch.Tensor, cond=None, sampler=sample_euler, mapping: str = "ngdm",
+                          parametrization: str = "vp", callback=None, **sampler_options) -> torch.Tensor:
+    """Algorithm 1 over any ``denoiser(x, sigma, cond) -> x0`` and any ``sampler(model, x, sigmas, ...)``.
+
+    ``weights`` is Lambda, shaped like ``source`` or with one channel. A weight-0 pixel returns
+    the source exactly, a weight-1 pixel is sampled from ``sigmas[0]`` as plain sampling would.
+    """
+    require_finite_tensor("source", source)
+    require_map_matches("weights", weights, source)
+    require_unit_interval("weights", weights)
+    require_sigma_schedule("sigmas", sigmas)
+    if noise.shape != source.shape:
+        raise ValueError(f"noise has shape {tuple(noise.shape)} but source has {tuple(source.shape)}")
+    start = start_sigmas(weights.to(source.dtype), sigmas, mapping, parametrization)
+    model = per_pixel_time_denoiser(lambda x, sigma: denoiser(x, sigma, cond), source, noise, sigmas, start,
+                                    parametrization)
+    x = noise_source(source, noise, sigmas[0], parametrization)
+    return sampler(model, x, sigmas, callback=callback, **sampler_options)
+
+
+def prompt_difference(denoiser, source: torch.Tensor, source_cond, target_cond, sigma: float, noise: torch.Tensor,
+                      parametrization: str = "vp", max_batch: int | None = None, progress=None) -> torch.Tensor:
+    """Mean over seeds and channels of ``|D(x, sigma, target) - D(x, sigma, source)|``, shape (B, 1, H, W).
+
+    ``noise`` holds one noise per seed, shape (N, *source.shape). All seeds go through one
+    model call per prompt, or ``max_batch`` seeds per call when memory is short. The map is
+    taken on the x0 predictions: at one sigma they differ from the noise predictions by a
+    constant factor, which the normalisation of the weight map removes.
+    """
+    num_maps, batch = noise.shape[0], source.shape[0]
+    seeds_per_call = min(max_batch or num_maps, num_maps)
+    noisy = noise_source(source.repeat(num_maps, *([1] * (source.ndim - 1))), noise.reshape(-1, *source.shape[1:]),
+                         sigma, parametrization)
+    calls = 2 * -(-num_maps // seeds_per_call)
+    total = torch.zeros(batch, 1, *source.shape[2:], dtype=source.dtype, device=source.device)
+    done = 0
+    for first in range(0, num_maps * batch, seeds_per_call * batch):
+        x = noisy[first:first + seeds_per_call * batch]
+        sigma_batch = torch.full((x.shape[0],), float(sigma), dtype=source.dtype, device=source.device)
+        predictions = []
+        for cond in (target_cond, source_cond):
+            predictions.append(denoiser(x, sigma_batch, cond))
+            done += 1
+            if progress is not None:
+                progress(done, calls)
+        difference = (predictions[0] - predictions[1]).abs().mean(dim=1, keepdim=True)
+        total += difference.reshape(-1, *total.shape).sum(dim=0)
+    return total / num_maps
+
+
+def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (B, C, H, W) with reflected borders, ``sigma`` in pixels."""
+    if sigma <= 0:
+        return image
+    radius = max(1, int(3 * sigma + 0.5))
+    offsets = torch.arange(-radius, radius + 1, dtype=image.dtype, device=image.device)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    channels = image.shape[1]
+    height, width = image.shape[-2:]
+    blurred = image
+    for dim, size in ((-1, width), (-2, height)):
+        # Reflection needs the pad to be smaller than the image; tiny latents fall back to replicate.
+        mode = "reflect" if radius < size else "replicate"
+        pad = (radius, radius, 0, 0) if dim == -1 else (0, 0, radius, radius)
+        shape = (channels, 1, 1, -1) if dim == -1 else (channels, 1, -1, 1)
+        blurred = F.conv2d(F.pad(blurred, pad, mode=mode), kernel.reshape(shape), groups=channels)
+    return blurred
+
+
+def normalize_per_item(maps: torch.Tensor) -> torch.Tensor:
+    """Rescale each batch item to [0, 1]; a constant map (identical prompts) becomes all zeros."""
+    flat = maps.flatten(1)
+    low = flat.min(dim=1).values.reshape(-1, *([1] * (maps.ndim - 1)))
+    span = flat.max(dim=1).values.reshape(low.shape) - low
+    return torch.where(span > 0, (maps - low) / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(maps))
+
+
+def ngdm_weights(difference: torch.Tensor, smoothing: float = 1.0, a: float = 10.0, b: float = 5.0) -> torch.Tensor:
+    """NGDM's soft map: smooth, normalise to [0, 1], then ``sigmoid(a * A - b)``."""
+    require_positive("a", a)
+    require_finite_number("b", b)
+    require_finite_number("smoothing", smoothing)
+    if smoothing < 0:
+        raise ValueError(f"smoothing must be non-negative, got {smoothing}")
+    return torch.sigmoid(a * normalize_per_item(gaussian_blur(difference, smoothing)) - b)
+
+
+def diffedit_mask(difference: torch.Tensor, clamp_ratio: float = 3.0) -> torch.Tensor:
+    """DiffEdit's binary map (diffusers ``generate_mask``): clamp at ``clamp_ratio`` times the mean, rescale, threshold 0.5."""
+    clamp = difference.flatten(1).mean(dim=1).reshape(-1, *([1] * (difference.ndim - 1))) * clamp_ratio
+    scaled = torch.minimum(difference, clamp) / torch.where(clamp > 0, clamp, torch.ones_like(clamp))
+    return (scaled > 0.5).to(difference.dtype)
+
+
+def weight_map(denoiser, source: torch.Tensor, source_cond, target_cond, sigma: float, num_maps: int = 10,
+               seed: int = 0, mode: str = "ngdm", smoothing: float = 1.0, a: float = 10.0, b: float = 5.0,
+               parametrization: str = "vp", max_batch: int | None = None, progress=None) -> torch.Tensor:
+    """Lambda for editing ``source`` from ``source_cond`` to ``target_cond``, shape (B, 1, H, W) in [0, 1].
+
+    The source is noised to ``sigma`` with ``num_maps`` seeded noises; ``mode`` is ``"ngdm"``
+    (soft, the paper's section 3.4) or ``"diffedit"`` (binary, for comparison).
+    """
+    require_finite_tensor("source", source)
+    require_at_least("number of maps", num_maps, 1)
+    require_positive("sigma", sigma)
+    if mode not in WEIGHT_MAP_MODES:
+        raise ValueError(f"mode must be one of {WEIGHT_MAP_MODES}, got {mode!r}")
+    if mode == "ngdm":
+        # Checked before any model call, so a bad knob fails at once.
+        ngdm_weights(torch.zeros(1, 1, 1, 1), smoothing, a, b)
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn((num_maps, *source.shape), generator=generator, dtype=torch.float32)
+    noise = noise.to(device=source.device, dtype=source.dtype)
+    difference = prompt_difference(denoiser, source, source_cond, target_cond, sigma, noise, parametrization,
+                                   max_batch, progress)
+    if mode == "diffedit":
+        return diffedit_mask(difference)
+    return ngdm_weights(difference, smoothing, a, b)
