@@ -1,0 +1,10 @@
+"""ComfyUI adapters: one module per method; the maths lives in ``ngdm_core``."""
+
+from comfy_api.latest import ComfyExtension, io
+
+from . import ngdm
+
+
+class EditingExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [*ngdm.NODES]

@@ -1,0 +1,176 @@
+"""NGDM nodes: the weight map, the per-pixel start-time SAMPLER, and the same as a MODEL patch."""
+
+import functools
+
+import comfy.samplers
+import torch
+from comfy_api.latest import io
+
+from ..ngdm_core.ngdm import MAPPINGS, WEIGHT_MAP_MODES, per_pixel_time_denoiser, started, weight_map
+from ..ngdm_core.validation import require_unit_interval
+from .host import (guided_denoiser, host_start_sigmas, parametrization, progress_reporter, require_image_latent,
+                   seeds_per_call)
+
+CATEGORY = "NGDM Editing"
+MAPPING_TOOLTIP = ("ngdm: each pixel starts at sigma_k = sqrt((1 + sigma_T^2)^lambda - 1), so noise grows as the paper's "
+                   "non-isotropic process. linear: DifferentialDiffusion's threshold on the normalised timestep, for comparison.")
+
+
+class NGDMWeightMap(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="NGDMWeightMap",
+            display_name="NGDM Weight Map",
+            category=CATEGORY,
+            description="Finds where the source and target prompts disagree about the image (DiffEdit-style) "
+                        "and turns it into the soft per-pixel weight map Lambda that NGDM samples with.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Latent.Input("latent", tooltip="The source image, VAE-encoded."),
+                io.Conditioning.Input("source_conditioning", tooltip="A prompt describing the source image."),
+                io.Conditioning.Input("target_conditioning", tooltip="A prompt describing the edit you want."),
+                io.Conditioning.Input("negative"),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+                io.Int.Input("num_maps", default=10, min=1, max=64,
+                             tooltip="Noise seeds averaged into the map; all go through one batched model call per prompt."),
+                io.Float.Input("encode_strength", default=0.5, min=0.01, max=1.0, step=0.01,
+                               tooltip="How far along the schedule the source is noised before comparing the prompts."),
+                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01),
+                io.Float.Input("smoothing", default=1.0, min=0.0, max=16.0, step=0.1,
+                               tooltip="Gaussian blur of the difference map, in latent pixels (ngdm mode only)."),
+                io.Float.Input("a", default=10.0, min=0.01, max=100.0, step=0.1,
+                               tooltip="Sigmoid gain: Lambda = sigmoid(a*A - b). Larger a edits more (ngdm mode only)."),
+                io.Float.Input("b", default=5.0, min=-100.0, max=100.0, step=0.1,
+                               tooltip="Sigmoid offset: larger b keeps more of the source (ngdm mode only)."),
+                io.Combo.Input("mode", options=list(WEIGHT_MAP_MODES), default="ngdm",
+                               tooltip="ngdm: the soft map. diffedit: DiffEdit's binary mask, for comparison."),
+            ],
+            outputs=[
+                io.Mask.Output(display_name="weight_map", tooltip="Lambda at image resolution, for previews and mask nodes."),
+                io.Latent.Output(display_name="latent", tooltip="The source latent with Lambda as its noise_mask."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, latent, source_conditioning, target_conditioning, negative, seed, num_maps,
+                encode_strength, cfg, smoothing, a, b, mode) -> io.NodeOutput:
+        samples = latent["samples"]
+        require_image_latent("latent", model, samples)
+        model_sampling = model.get_model_object("model_sampling")
+        kind = parametrization(model_sampling)
+        sigma = float(model_sampling.percent_to_sigma(1.0 - encode_strength))
+        source = model.model.process_latent_in(samples.to(torch.float32)).to(model.load_device)
+        max_batch = seeds_per_call(model, samples.shape, num_maps)
+        progress = progress_reporter(2 * -(-num_maps // max_batch))
+        weights = weight_map(guided_denoiser(model, negative, cfg, seed), source, source_conditioning, target_conditioning,
+                             sigma, num_maps=num_maps, seed=seed, mode=mode, smoothing=smoothing, a=a, b=b,
+                             parametrization=kind, max_batch=max_batch, progress=progress).cpu()
+        # Nearest upsampling: ComfyUI's bilinear resize of a noise mask back to latent size samples
+        # inside each block, so this MASK reproduces Lambda exactly if it is set on a latent again.
+        ratio = getattr(model.model.latent_format, "spacial_downscale_ratio", 8)
+        mask = weights[:, 0].repeat_interleave(ratio, dim=-2).repeat_interleave(ratio, dim=-1)
+        return io.NodeOutput(mask, {**latent, "noise_mask": weights})
+
+
+class _HeldPixelsModel:
+    """The host's model as a base sampler sees it, with pixels held until their start sigma.
+
+    Samplers read attributes such as ``inner_model`` off the model they are given, so every
+    attribute is the host's; only the call goes through NGDM's replacement.
+    """
+
+    def __init__(self, host_model, denoise):
+        self._host_model = host_model
+        self._denoise = denoise
+
+    def __getattr__(self, name):
+        return getattr(self._host_model, name)
+
+    def __call__(self, x, sigma, **extra_args):
+        return self._denoise(x, sigma, **extra_args)
+
+
+def _require_weights(weights, node):
+    if weights is None:
+        raise ValueError(f"{node}: the latent has no noise_mask (Lambda). Connect NGDMWeightMap's latent output, "
+                         "or set a mask on the latent with SetLatentNoiseMask.")
+    require_unit_interval(f"{node}: the latent's noise_mask", weights)
+
+
+def sample_per_pixel_time(model, x, sigmas, extra_args=None, callback=None, disable=None, base_sampler=None,
+                          mapping="ngdm"):
+    """A SAMPLER function: Algorithm 1 around ``base_sampler``, with Lambda from the latent's noise_mask."""
+    extra_args = extra_args or {}
+    weights = extra_args.get("denoise_mask")
+    _require_weights(weights, "PerPixelTimeSampler")
+    model_sampling = model.inner_model.inner_model.model_sampling
+    start = host_start_sigmas(model_sampling, weights, sigmas, mapping)
+    denoise = per_pixel_time_denoiser(model, model.latent_image, model.noise, sigmas, start,
+                                      parametrization(model_sampling))
+    # The replacement is done here, so the host's own soft-mask blending is switched off.
+    return base_sampler.sampler_function(_HeldPixelsModel(model, denoise), x, sigmas,
+                                         extra_args={**extra_args, "denoise_mask": None}, callback=callback,
+                                         disable=disable, **base_sampler.extra_options)
+
+
+class PerPixelTimeSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PerPixelTimeSampler",
+            display_name="Per-Pixel Time Sampler (NGDM)",
+            category=CATEGORY,
+            description="Wraps a sampler so each latent pixel starts denoising at its own time, from the latent's "
+                        "noise_mask (Lambda). Pixels that have not started stay on the noised source with the one "
+                        "fixed noise, for every sampler, deterministic or ancestral. Use with SamplerCustomAdvanced.",
+            inputs=[
+                io.Sampler.Input("sampler", tooltip="The base sampler, e.g. from KSamplerSelect."),
+                io.Combo.Input("mapping", options=list(MAPPINGS), default="ngdm", tooltip=MAPPING_TOOLTIP),
+            ],
+            outputs=[io.Sampler.Output()],
+        )
+
+    @classmethod
+    def execute(cls, sampler, mapping) -> io.NodeOutput:
+        if not isinstance(sampler, comfy.samplers.KSAMPLER):
+            raise ValueError(f"sampler: PerPixelTimeSampler wraps k-diffusion samplers (KSamplerSelect and the "
+                             f"Sampler* nodes), got {type(sampler).__name__}")
+        function = functools.partial(sample_per_pixel_time, base_sampler=sampler, mapping=mapping)
+        return io.NodeOutput(comfy.samplers.KSAMPLER(function, inpaint_options=sampler.inpaint_options))
+
+
+def started_mask(sigma, denoise_mask, extra_options, mapping="ngdm"):
+    """A ``denoise_mask_function``: this step's binary mask, 1 where a pixel has started."""
+    _require_weights(denoise_mask, "PerPixelTimeModel")
+    model_sampling = extra_options["model"].inner_model.model_sampling
+    start = host_start_sigmas(model_sampling, denoise_mask, extra_options["sigmas"], mapping)
+    return started(sigma, start).to(denoise_mask.dtype)
+
+
+class PerPixelTimeModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="PerPixelTimeModel",
+            display_name="Per-Pixel Time Model Patch (NGDM)",
+            category=CATEGORY,
+            description="The per-pixel start times as a model patch, like Differential Diffusion, for plain KSampler "
+                        "graphs. With deterministic samplers, pixels that have not started stay exactly on the noised "
+                        "source; ancestral/SDE samplers keep them a valid noisy source with fresh noise. "
+                        "PerPixelTimeSampler keeps the one noise for every sampler.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Combo.Input("mapping", options=list(MAPPINGS), default="ngdm", tooltip=MAPPING_TOOLTIP),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, mapping) -> io.NodeOutput:
+        model = model.clone()
+        model.set_model_denoise_mask_function(functools.partial(started_mask, mapping=mapping))
+        return io.NodeOutput(model)
+
+
+NODES = [NGDMWeightMap, PerPixelTimeSampler, PerPixelTimeModel]

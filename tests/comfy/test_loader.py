@@ -1,0 +1,16 @@
+NODE_IDS = ("NGDMWeightMap", "PerPixelTimeSampler", "PerPixelTimeModel")
+
+
+def test_comfyui_loads_the_pack_and_registers_its_nodes(host):
+    import nodes
+    assert host.PACK_DIR_NAME in nodes.LOADED_MODULE_DIRS
+    for node_id in NODE_IDS:
+        assert node_id in nodes.NODE_CLASS_MAPPINGS
+    assert not [w for w in host.LOAD_WARNINGS if host.PACK_DIR_NAME in w or "ngdm" in w.lower()]
+
+
+def test_the_example_workflows_are_served_as_templates(host):
+    import os
+    folder = os.path.join(host.PACK_ROOT, "example_workflows")
+    names = sorted(f for f in os.listdir(folder) if f.endswith(".json"))
+    assert names == ["ngdm_controlnet_edit.json", "ngdm_ksampler_edit.json", "ngdm_text_edit.json"]

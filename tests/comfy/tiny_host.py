@@ -1,0 +1,271 @@
+"""A headless ComfyUI on CPU with tiny random-weight models, for the real-host tests and benchmarks.
+
+``start(comfyui_path)`` links this pack into a temporary ``custom_nodes/`` so ComfyUI's own
+loader imports it, and registers stand-ins for the nodes that need downloaded weights
+(checkpoint, CLIP text encoder, VAE, ControlNet, image files). Workflows are converted
+from the UI format with ``ui_to_api`` and run through ``PromptExecutor``.
+"""
+
+import asyncio
+import logging
+import os
+import sys
+import tempfile
+import uuid
+import zlib
+
+PACK_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PACK_DIR_NAME = "ngdm-image-editing"
+LATENT_SIZE = 8
+CAPTURED = {}
+LOAD_WARNINGS = []
+TINY_MODEL_KIND = {"kind": "eps"}
+NOTE_TYPES = {"Note", "MarkdownNote"}
+# Stand-ins for nodes that need downloaded weights or files: UI type -> test node id.
+STAND_INS = {
+    "CheckpointLoaderSimple": "TinyCheckpoint",
+    "CLIPTextEncode": "TinyTextEncode",
+    "LoadImage": "TinyImage",
+    "VAEEncode": "TinyEncode",
+    "VAEDecode": "TinyDecode",
+    "ControlNetLoader": "TinyControlNetLoader",
+}
+TINY_UNET_CONFIG = {
+    "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "use_linear_in_transformer": False, "use_temporal_attention": False,
+    "use_temporal_resblock": False, "context_dim": 768, "in_channels": 4, "out_channels": 4,
+    "model_channels": 32, "channel_mult": [1, 2], "num_res_blocks": [1, 1], "transformer_depth": [1, 1],
+    "transformer_depth_output": [1, 1, 1, 1], "transformer_depth_middle": 1,
+}
+
+
+class _WarningCollector(logging.Handler):
+    def emit(self, record):
+        if record.levelno >= logging.WARNING:
+            LOAD_WARNINGS.append(record.getMessage())
+
+
+def start(comfyui_path):
+    """Import ComfyUI headlessly with this pack installed; returns the ``host`` namespace (module)."""
+    # The pack root holds a folder named nodes/, which would shadow ComfyUI's nodes.py.
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != PACK_ROOT]
+    sys.path.insert(0, comfyui_path)
+    import comfy.options
+    comfy.options.enable_args_parsing(False)
+    import comfy.cli_args
+    base = tempfile.mkdtemp(prefix="ngdm_host_")
+    os.makedirs(os.path.join(base, "custom_nodes"))
+    os.symlink(PACK_ROOT, os.path.join(base, "custom_nodes", PACK_DIR_NAME))
+    comfy.cli_args.args.cpu = True
+    comfy.cli_args.args.base_directory = base
+    import folder_paths  # noqa: F401  (reads base_directory; must come before nodes)
+    import utils.install_util  # noqa: F401  (must be imported before nodes moves comfy/ onto sys.path)
+    import comfy.utils
+    import nodes
+
+    handler = _WarningCollector()
+    logging.getLogger().addHandler(handler)
+    try:
+        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+    finally:
+        logging.getLogger().removeHandler(handler)
+    for node in _stand_in_nodes():
+        nodes.NODE_CLASS_MAPPINGS[node.GET_SCHEMA().node_id] = node
+    comfy.utils.set_progress_bar_enabled(False)
+    return sys.modules[__name__]
+
+
+def init_weights(module, seed):
+    """ComfyUI's layers skip initialisation; give the tiny models small random weights."""
+    import torch
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            if name.endswith("bias"):
+                parameter.zero_()
+            elif parameter.ndim == 1:
+                parameter.fill_(1.0)
+            else:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+
+
+def tiny_model(kind="eps", seed=0):
+    """A 1.6 M-parameter SD1.5-shaped U-Net: ``eps``, ``v_prediction`` or ``flow`` (CONST, shift 3)."""
+    import comfy.model_base
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+    import torch
+    config = comfy.supported_models.SD15({**TINY_UNET_CONFIG, "dtype": torch.float32})
+    model_type = {"eps": comfy.model_base.ModelType.EPS, "v_prediction": comfy.model_base.ModelType.V_PREDICTION,
+                  "flow": comfy.model_base.ModelType.FLOW}[kind]
+    if kind == "flow":
+        config.sampling_settings = {"shift": 3.0, "multiplier": 1000}
+    base = comfy.model_base.BaseModel(config, model_type=model_type)
+    init_weights(base.diffusion_model, seed)
+    return comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
+def tiny_controlnet(seed=1):
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.model_management
+    import comfy.ops
+    import torch
+    config = {key: value for key, value in TINY_UNET_CONFIG.items() if key != "out_channels"}
+    control_model = comfy.cldm.cldm.ControlNet(**config, hint_channels=3, num_heads=8, dtype=torch.float32,
+                                               operations=comfy.ops.disable_weight_init)
+    init_weights(control_model, seed)
+    # Real ControlNets start with zero convolutions; nonzero ones make the effect measurable here.
+    return comfy.controlnet.ControlNet(control_model, load_device=comfy.model_management.get_torch_device())
+
+
+def _seeded(text):
+    import torch
+    return torch.Generator().manual_seed(zlib.crc32(str(text).encode()))
+
+
+def _stand_in_nodes():
+    import torch
+    from comfy_api.latest import io
+
+    models = {}
+
+    class TinyCheckpoint(io.ComfyNode):
+        @classmethod
+        def define_schema(cls):
+            return io.Schema(node_id="TinyCheckpoint", inputs=[io.String.Input("ckpt_name")],
+                             outputs=[io.Model.Output(), io.Clip.Output(), io.Vae.Output()])
+
+        @classmethod
+        def execute(cls, ckpt_name):
+            kind = TINY_MODEL_KIND["kind"]
+            if kind not in models:
+                models[kind] = tiny_model(kind)
+            return io.NodeOutput(models[kind], "tiny clip", "tiny vae")
+
+    class TinyTextEncode(io.ComfyNode):
+        @classmethod
+        def define_schema(cls):
+            return io.Schema(node_id="TinyTextEncode", inputs=[io.Clip.Input("clip"), io.String.Input("text")],
+                             outputs=[io.Conditioning.Output()])
+
+        @classmethod
+        def execute(cls, clip, text):
+            return io.NodeOutput([[torch.randn(1, 77, 768, generator=_seeded(text)), {}]])
+
+    class TinyImage(io.ComfyNode):
+        @classmethod
+        def define_schema(cls):
+            return io.Schema(node_id="TinyImage", inputs=[io.String.Input("image")],
+                             outputs=[io.Image.Output(), io.Mask.Output()])
+
+        @classmethod
+        def execute(cls, image):
+            size = 8 * LATENT_SIZE
+            return io.NodeOutput(torch.rand(1, size, size, 3, generator=_seeded(image)), torch.zeros(1, size, size))
+
+    class TinyEncode(io.ComfyNode):
+        @classmethod
+        def define_schema(cls):
+            return io.Schema(node_id="TinyEncode", inputs=[io.Image.Input("pixels"), io.Vae.Input("vae")],
+                             outputs=[io.Latent.Output()])
+
+        @classmethod
+        def execute(cls, pixels, vae):
+            samples = torch.randn(pixels.shape[0], 4, LATENT_SIZE, LATENT_SIZE, generator=_seeded("source latent"))
+            CAPTURED["source"] = samples.clone()
+            return io.NodeOutput({"samples": samples})
+
+    class TinyDecode(io.ComfyNode):
+        @classmethod
+        def define_schema(cls):
+            return io.Schema(node_id="TinyDecode", inputs=[io.Latent.Input("samples"), io.Vae.Input("vae")],
+                             outputs=[io.Image.Output()])
+
+        @classmethod
+        def execute(cls, samples, vae):
+            CAPTURED["output"] = {key: value.clone() for key, value in samples.items() if torch.is_tensor(value)}
+            batch, _, height, width = samples["samples"].shape
+            return io.NodeOutput(torch.zeros(batch, 8 * height, 8 * width, 3))
+
+    class TinyControlNetLoader(io.ComfyNode):
+        @classmethod
+        def define_schema(cls):
+            return io.Schema(node_id="TinyControlNetLoader", inputs=[io.String.Input("control_net_name")],
+                             outputs=[io.ControlNet.Output()])
+
+        @classmethod
+        def execute(cls, control_net_name):
+            return io.NodeOutput(tiny_controlnet())
+
+    return [TinyCheckpoint, TinyTextEncode, TinyImage, TinyEncode, TinyDecode, TinyControlNetLoader]
+
+
+def _widget_inputs(class_type):
+    """Names of the inputs that are widgets, in order, and whether each adds a control_after_generate value."""
+    import nodes
+    definition = nodes.NODE_CLASS_MAPPINGS[class_type].INPUT_TYPES()
+    widgets = []
+    for section in ("required", "optional"):
+        for name, spec in definition.get(section, {}).items():
+            kind, options = spec[0], (spec[1] if len(spec) > 1 else {})
+            if isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
+                widgets.append((name, bool(options.get("control_after_generate")) or bool(options.get("image_upload"))))
+    return widgets
+
+
+def ui_to_api(workflow):
+    """Convert a UI-format workflow to an API prompt, with the weight-free stand-ins swapped in."""
+    links = {link[0]: link for link in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node["type"] in NOTE_TYPES:
+            continue
+        class_type = STAND_INS.get(node["type"], node["type"])
+        inputs = {}
+        values = iter(node.get("widgets_values", []))
+        for name, has_extra_value in _widget_inputs(class_type):
+            inputs[name] = next(values)
+            if has_extra_value:
+                next(values)
+        for socket in node.get("inputs", []):
+            if socket.get("link") is not None:
+                _, source_id, source_slot, *_ = links[socket["link"]]
+                inputs[socket["name"]] = [str(source_id), source_slot]
+        prompt[str(node["id"])] = {"class_type": class_type, "inputs": inputs}
+    return prompt
+
+
+class _StubServer:
+    client_id = None
+    last_node_id = None
+    last_prompt_id = None
+
+    def __init__(self):
+        self.sockets_metadata = {}
+        self.messages = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+    def queue_updated(self):
+        pass
+
+
+def run_prompt(prompt):
+    """Validate and execute ``prompt`` in a fresh executor; raises with the host's error if it fails."""
+    import execution
+    CAPTURED.pop("output", None)
+    prompt_id = str(uuid.uuid4())
+    valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+    if not valid:
+        raise RuntimeError(f"invalid prompt: {error} {node_errors}")
+    executor = execution.PromptExecutor(_StubServer(), cache_type=execution.CacheType.CLASSIC,
+                                        cache_args={"lru": 0, "ram": 0})
+    executor.execute(prompt, prompt_id, {}, outputs)
+    if not executor.success:
+        errors = [data for event, data in executor.status_messages if event == "execution_error"]
+        raise RuntimeError(f"execution failed: {errors}")
+    return CAPTURED
