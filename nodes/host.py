@@ -7,6 +7,7 @@ import comfy.utils
 import torch
 
 from ..ngdm_core.ngdm import start_sigmas
+from ..ngdm_core.validation import require_finite_tensor
 
 
 def parametrization(model_sampling) -> str:
@@ -33,6 +34,7 @@ def require_image_latent(name, model, samples):
     if samples.shape[1] != channels:
         raise ValueError(f"{name} has {samples.shape[1]} channels but the model expects {channels}: "
                          "encode the image with this model's VAE")
+    require_finite_tensor(name, samples)
 
 
 def guided_denoiser(model, negative, cfg, seed):

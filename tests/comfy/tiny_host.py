@@ -269,3 +269,48 @@ def run_prompt(prompt):
         errors = [data for event, data in executor.status_messages if event == "execution_error"]
         raise RuntimeError(f"execution failed: {errors}")
     return CAPTURED
+
+
+def tiny_conditioning(text):
+    import torch
+    return [[torch.randn(1, 77, 768, generator=_seeded(text)), {}]]
+
+
+def sample_with_weights(model, sampler, weights, steps=8, cfg=2.0, seed=0):
+    """Sample a fixed random source under ``weights`` (Lambda); returns source, noise, sigmas, states and output.
+
+    ``states`` holds the sampler's own state ``x`` at every step, as its callback reports it,
+    all in the model's processed latent space.
+    """
+    import comfy.sample
+    import comfy.samplers
+    import torch
+    generator = _seeded(f"sample {seed}")
+    source = torch.randn(1, 4, LATENT_SIZE, LATENT_SIZE, generator=generator)
+    noise = torch.randn(source.shape, generator=generator)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", steps).cpu()
+    states = []
+    output = comfy.sample.sample_custom(
+        model, noise, cfg, sampler, sigmas, tiny_conditioning("target"), tiny_conditioning("negative"), source,
+        noise_mask=weights, callback=lambda step, denoised, x, total: states.append(x.detach().cpu().clone()),
+        disable_pbar=True, seed=seed)
+    return source, noise, sigmas, states, output
+
+
+def held_noise_drift(model, sampler, steps=8):
+    """How far pixels that never start drift from one fixed noise, and how far they end from the source.
+
+    Lambda is 0 on the left half and 1 on the right. At every step the held pixels' implied
+    noise ``(x - noise_scaling(sigma, 0, source)) / sigma`` is compared with the first step's.
+    """
+    import torch
+    weights = torch.zeros(1, 1, LATENT_SIZE, LATENT_SIZE)
+    weights[..., LATENT_SIZE // 2:] = 1.0
+    source, _, sigmas, states, output = sample_with_weights(model, sampler, weights, steps)
+    model_sampling = model.get_model_object("model_sampling")
+    processed = model.model.process_latent_in(source)
+    held = (weights == 0).expand_as(source)
+    implied = [((x - model_sampling.noise_scaling(sigma, torch.zeros_like(x), processed)) / sigma)[held]
+               for x, sigma in zip(states, sigmas)]
+    drift = max((z - implied[0]).abs().max().item() for z in implied)
+    return drift, (output - source)[held].abs().max().item()

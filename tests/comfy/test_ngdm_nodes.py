@@ -1,0 +1,104 @@
+import pytest
+import torch
+
+
+def node(host, node_id, **inputs):
+    import nodes
+    return nodes.NODE_CLASS_MAPPINGS[node_id].execute(**inputs).result
+
+
+def sampler(name):
+    import comfy.samplers
+    return comfy.samplers.sampler_object(name)
+
+
+@pytest.mark.parametrize("kind", ["eps", "flow"])
+@pytest.mark.parametrize("name", ["euler", "dpmpp_2m", "heun", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_sde"])
+def test_per_pixel_time_sampler_keeps_one_noise_for_every_sampler(host, kind, name):
+    model = host.tiny_model(kind)
+    (wrapped,) = node(host, "PerPixelTimeSampler", sampler=sampler(name), mapping="ngdm")
+    drift, end_error = host.held_noise_drift(model, wrapped)
+    assert drift <= 1e-4
+    assert end_error <= 1e-5
+
+
+@pytest.mark.parametrize("name,keeps_noise", [("euler", True), ("dpmpp_2m", True), ("heun", True),
+                                              ("euler_ancestral", False), ("dpmpp_2m_sde", False)])
+def test_model_patch_keeps_one_noise_only_for_deterministic_samplers(host, name, keeps_noise):
+    (patched,) = node(host, "PerPixelTimeModel", model=host.tiny_model("eps"), mapping="ngdm")
+    drift, end_error = host.held_noise_drift(patched, sampler(name))
+    assert (drift <= 1e-4) == keeps_noise
+    assert end_error <= 1e-5
+
+
+def test_sampler_and_model_patch_agree_for_a_deterministic_sampler(host):
+    weights = torch.rand(1, 1, host.LATENT_SIZE, host.LATENT_SIZE, generator=torch.Generator().manual_seed(0))
+    model = host.tiny_model("eps")
+    (wrapped,) = node(host, "PerPixelTimeSampler", sampler=sampler("euler"), mapping="ngdm")
+    (patched,) = node(host, "PerPixelTimeModel", model=model, mapping="ngdm")
+    *_, from_sampler = host.sample_with_weights(model, wrapped, weights)
+    *_, from_patch = host.sample_with_weights(patched, sampler("euler"), weights)
+    # They differ only by ComfyUI's max-denoise start, sqrt(1 + sigma_max^2) instead of sigma_max.
+    assert (from_sampler - from_patch).abs().max().item() < 0.05 * from_sampler.abs().max().item()
+
+
+def test_linear_mapping_matches_differential_diffusion(host):
+    weights = torch.rand(1, 1, host.LATENT_SIZE, host.LATENT_SIZE, generator=torch.Generator().manual_seed(1))
+    model = host.tiny_model("eps")
+    (differential,) = node(host, "DifferentialDiffusion", model=model, strength=1.0)
+    (patched,) = node(host, "PerPixelTimeModel", model=model, mapping="linear")
+    *_, reference = host.sample_with_weights(differential, sampler("euler"), weights, steps=20)
+    *_, ours = host.sample_with_weights(patched, sampler("euler"), weights, steps=20)
+    assert torch.allclose(ours, reference, atol=1e-5)
+
+
+def test_weight_map_batches_all_seeds_and_leaves_conditioning_untouched(host):
+    import comfy.patcher_extension
+    model = host.tiny_model("eps").clone()
+    batch_sizes = []
+
+    def count(executor, x, *args, **kwargs):
+        batch_sizes.append(x.shape[0])
+        return executor(x, *args, **kwargs)
+
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "count", count)
+    import nodes
+    source, negative = host.tiny_conditioning("source"), host.tiny_conditioning("negative")
+    hint = torch.rand(1, 8 * host.LATENT_SIZE, 8 * host.LATENT_SIZE, 3)
+    target, _ = nodes.ControlNetApplyAdvanced().apply_controlnet(host.tiny_conditioning("target"), negative,
+                                                                   host.tiny_controlnet(), hint, 1.0, 0.0, 1.0)
+    control = target[0][1]["control"]
+    snapshot = [(c[0][0].clone(), dict(c[0][1])) for c in (source, target, negative)]
+    latent = {"samples": torch.randn(2, 4, host.LATENT_SIZE, host.LATENT_SIZE)}
+    samples_before = latent["samples"].clone()
+    mask, out = node(host, "NGDMWeightMap", model=model, latent=latent, source_conditioning=source,
+                     target_conditioning=target, negative=negative, seed=0, num_maps=10, encode_strength=0.5, cfg=7.5,
+                     smoothing=1.0, a=10.0, b=5.0, mode="ngdm")
+    # Every call holds all 10 seeds of both images. The host batches cond with uncond, except
+    # where only one of them carries a ControlNet (the target here), which it runs apart.
+    assert batch_sizes == [20, 20, 40]
+    assert mask.shape == (2, 8 * host.LATENT_SIZE, 8 * host.LATENT_SIZE)
+    assert torch.equal(mask[:, ::8, ::8], out["noise_mask"][:, 0])
+    assert "noise_mask" not in latent and torch.equal(latent["samples"], samples_before)
+    for (tensor, options), cond in zip(snapshot, (source, target, negative)):
+        assert torch.equal(cond[0][0], tensor) and cond[0][1] == options
+    assert target[0][1]["control"] is control
+
+
+def test_bad_input_is_refused_with_the_inputs_name(host):
+    model = host.tiny_model("eps")
+    conditioning = host.tiny_conditioning("x")
+    common = dict(model=model, source_conditioning=conditioning, target_conditioning=conditioning,
+                  negative=conditioning, seed=0, num_maps=2, encode_strength=0.5, cfg=7.5, smoothing=1.0, a=10.0,
+                  b=5.0, mode="ngdm")
+    with pytest.raises(ValueError, match="latent has 16 channels but the model expects 4"):
+        node(host, "NGDMWeightMap", latent={"samples": torch.zeros(1, 16, 8, 8)}, **common)
+    with pytest.raises(ValueError, match="latent contains NaN"):
+        node(host, "NGDMWeightMap", latent={"samples": torch.full((1, 4, 8, 8), float("nan"))}, **common)
+    (wrapped,) = node(host, "PerPixelTimeSampler", sampler=sampler("euler"), mapping="ngdm")
+    with pytest.raises(ValueError, match="the latent has no noise_mask"):
+        host.sample_with_weights(model, wrapped, None)
+    with pytest.raises(ValueError, match="noise_mask contains NaN"):
+        host.sample_with_weights(model, wrapped, torch.full((1, 1, 8, 8), float("nan")))
+    with pytest.raises(ValueError, match="sampler: PerPixelTimeSampler wraps k-diffusion samplers"):
+        node(host, "PerPixelTimeSampler", sampler=object(), mapping="ngdm")
