@@ -60,9 +60,12 @@ def start_sigmas(weights: torch.Tensor, sigmas: torch.Tensor, mapping: str = "ng
 
 
 def started(sigma, start: torch.Tensor) -> torch.Tensor:
-    """True where a pixel is denoised at noise level ``sigma``: it has started once ``sigma <= sigma_k``."""
+    """True where a pixel is denoised at noise level ``sigma``: it has started once ``sigma <= sigma_k``.
+
+    A pixel whose start is 0 (weight 0) never starts, even if a sampler evaluates at sigma = 0.
+    """
     sigma = torch.as_tensor(sigma, device=start.device).reshape(-1, *([1] * (start.ndim - 1)))
-    return sigma <= start
+    return (sigma <= start) & (start > 0)
 
 
 def per_pixel_time_denoiser(model, source: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor,

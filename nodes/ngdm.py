@@ -114,6 +114,22 @@ def sample_per_pixel_time(model, x, sigmas, extra_args=None, callback=None, disa
                                          disable=disable, **base_sampler.extra_options)
 
 
+# Samplers whose state cannot be reset: dpm_fast and dpm_adaptive choose their own steps and
+# stop at sigma_min, and UniPC calls the model on a rescaled copy of its state.
+UNSUPPORTED_SAMPLER_FUNCTIONS = {"dpm_fast_function": "dpm_fast", "dpm_adaptive_function": "dpm_adaptive",
+                                 "sample_unipc": "uni_pc", "sample_unipc_bh2": "uni_pc_bh2"}
+
+
+def _require_supported_sampler(sampler):
+    if not isinstance(sampler, comfy.samplers.KSAMPLER):
+        raise ValueError(f"sampler: PerPixelTimeSampler wraps k-diffusion samplers (KSamplerSelect and the "
+                         f"Sampler* nodes), got {type(sampler).__name__}")
+    name = UNSUPPORTED_SAMPLER_FUNCTIONS.get(getattr(sampler.sampler_function, "__name__", ""))
+    if name:
+        raise ValueError(f"sampler: {name} cannot keep pixels on the noised source (it picks its own steps or "
+                         "rescales its state); use a step-by-step sampler such as euler, dpmpp_2m or euler_ancestral")
+
+
 class PerPixelTimeSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -133,9 +149,7 @@ class PerPixelTimeSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, sampler, mapping) -> io.NodeOutput:
-        if not isinstance(sampler, comfy.samplers.KSAMPLER):
-            raise ValueError(f"sampler: PerPixelTimeSampler wraps k-diffusion samplers (KSamplerSelect and the "
-                             f"Sampler* nodes), got {type(sampler).__name__}")
+        _require_supported_sampler(sampler)
         function = functools.partial(sample_per_pixel_time, base_sampler=sampler, mapping=mapping)
         return io.NodeOutput(comfy.samplers.KSAMPLER(function, inpaint_options=sampler.inpaint_options))
 

@@ -47,3 +47,10 @@ def test_linear_mapping_interpolates_between_the_ends_of_the_run():
     start = linear_start_sigmas(torch.tensor([0.0, 0.25, 1.0]), sigmas, sigma_min=0.5)
     assert torch.allclose(start, torch.tensor([0.5, 0.5 + 0.25 * 9.5, 10.0]))
     assert torch.equal(start_sigmas(torch.tensor([0.3]), sigmas, "linear"), linear_start_sigmas(torch.tensor([0.3]), sigmas))
+
+
+def test_a_weight_zero_pixel_never_starts_even_at_sigma_zero():
+    from ngdm_core import started
+    start = power_law_start_sigmas(torch.tensor([0.0, 0.3, 1.0]), 14.6)
+    assert started(torch.tensor(0.0), start).tolist() == [False, True, True]
+    assert started(torch.tensor(14.6), start).tolist() == [False, False, True]

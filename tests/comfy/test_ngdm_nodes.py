@@ -53,16 +53,8 @@ def test_linear_mapping_matches_differential_diffusion(host):
 
 
 def test_weight_map_batches_all_seeds_and_leaves_conditioning_untouched(host):
-    import comfy.patcher_extension
-    model = host.tiny_model("eps").clone()
-    batch_sizes = []
-
-    def count(executor, x, *args, **kwargs):
-        batch_sizes.append(x.shape[0])
-        return executor(x, *args, **kwargs)
-
-    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "count", count)
     import nodes
+    model, batch_sizes = host.count_model_calls(host.tiny_model("eps"))
     source, negative = host.tiny_conditioning("source"), host.tiny_conditioning("negative")
     hint = torch.rand(1, 8 * host.LATENT_SIZE, 8 * host.LATENT_SIZE, 3)
     target, _ = nodes.ControlNetApplyAdvanced().apply_controlnet(host.tiny_conditioning("target"), negative,
@@ -102,3 +94,6 @@ def test_bad_input_is_refused_with_the_inputs_name(host):
         host.sample_with_weights(model, wrapped, torch.full((1, 1, 8, 8), float("nan")))
     with pytest.raises(ValueError, match="sampler: PerPixelTimeSampler wraps k-diffusion samplers"):
         node(host, "PerPixelTimeSampler", sampler=object(), mapping="ngdm")
+    for name in ("dpm_fast", "dpm_adaptive", "uni_pc", "uni_pc_bh2"):
+        with pytest.raises(ValueError, match=f"sampler: {name} cannot keep pixels on the noised source"):
+            node(host, "PerPixelTimeSampler", sampler=sampler(name), mapping="ngdm")

@@ -20,6 +20,7 @@ LATENT_SIZE = 8
 CAPTURED = {}
 LOAD_WARNINGS = []
 TINY_MODEL_KIND = {"kind": "eps"}
+PACK_INSTALL = {}
 NOTE_TYPES = {"Note", "MarkdownNote"}
 # Stand-ins for nodes that need downloaded weights or files: UI type -> test node id.
 STAND_INS = {
@@ -55,7 +56,8 @@ def start(comfyui_path):
     import comfy.cli_args
     base = tempfile.mkdtemp(prefix="ngdm_host_")
     os.makedirs(os.path.join(base, "custom_nodes"))
-    os.symlink(PACK_ROOT, os.path.join(base, "custom_nodes", PACK_DIR_NAME))
+    PACK_INSTALL["path"] = os.path.join(base, "custom_nodes", PACK_DIR_NAME)
+    os.symlink(PACK_ROOT, PACK_INSTALL["path"])
     comfy.cli_args.args.cpu = True
     comfy.cli_args.args.base_directory = base
     import folder_paths  # noqa: F401  (reads base_directory; must come before nodes)
@@ -73,6 +75,12 @@ def start(comfyui_path):
         nodes.NODE_CLASS_MAPPINGS[node.GET_SCHEMA().node_id] = node
     comfy.utils.set_progress_bar_enabled(False)
     return sys.modules[__name__]
+
+
+def pack_module(name=""):
+    """The pack's module ``name`` (e.g. ``"nodes.host"``) as ComfyUI's loader imported it."""
+    package = PACK_INSTALL["path"].replace(".", "_x_")
+    return sys.modules[f"{package}.{name}" if name else package]
 
 
 def init_weights(module, seed):
@@ -276,7 +284,7 @@ def tiny_conditioning(text):
     return [[torch.randn(1, 77, 768, generator=_seeded(text)), {}]]
 
 
-def sample_with_weights(model, sampler, weights, steps=8, cfg=2.0, seed=0):
+def sample_with_weights(model, sampler, weights, steps=8, cfg=2.0, seed=0, size=LATENT_SIZE):
     """Sample a fixed random source under ``weights`` (Lambda); returns source, noise, sigmas, states and output.
 
     ``states`` holds the sampler's own state ``x`` at every step, as its callback reports it,
@@ -286,7 +294,7 @@ def sample_with_weights(model, sampler, weights, steps=8, cfg=2.0, seed=0):
     import comfy.samplers
     import torch
     generator = _seeded(f"sample {seed}")
-    source = torch.randn(1, 4, LATENT_SIZE, LATENT_SIZE, generator=generator)
+    source = torch.randn(1, 4, size, size, generator=generator)
     noise = torch.randn(source.shape, generator=generator)
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", steps).cpu()
     states = []
@@ -314,3 +322,17 @@ def held_noise_drift(model, sampler, steps=8):
                for x, sigma in zip(states, sigmas)]
     drift = max((z - implied[0]).abs().max().item() for z in implied)
     return drift, (output - source)[held].abs().max().item()
+
+
+def count_model_calls(model):
+    """A clone of ``model`` that appends the batch size of every U-Net call to the returned list."""
+    import comfy.patcher_extension
+    batch_sizes = []
+
+    def count(executor, x, *args, **kwargs):
+        batch_sizes.append(x.shape[0])
+        return executor(x, *args, **kwargs)
+
+    counted = model.clone()
+    counted.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "count_model_calls", count)
+    return counted, batch_sizes
