@@ -139,7 +139,7 @@ class PerPixelTimeSampler(io.ComfyNode):
             category=CATEGORY,
             description="Wraps a sampler so each latent pixel starts denoising at its own time, from the latent's "
                         "noise_mask (Lambda). Pixels that have not started stay on the noised source with the one "
-                        "fixed noise, for every sampler, deterministic or ancestral. Use with SamplerCustomAdvanced.",
+                        "fixed noise, for deterministic and ancestral samplers alike. Use with SamplerCustomAdvanced.",
             inputs=[
                 io.Sampler.Input("sampler", tooltip="The base sampler, e.g. from KSamplerSelect."),
                 io.Combo.Input("mapping", options=list(MAPPINGS), default="ngdm", tooltip=MAPPING_TOOLTIP),
