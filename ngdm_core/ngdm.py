@@ -68,22 +68,31 @@ def started(sigma, start: torch.Tensor) -> torch.Tensor:
     return (sigma <= start) & (start > 0)
 
 
-def per_pixel_time_denoiser(model, source: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor,
-                            start: torch.Tensor, parametrization: str = "vp"):
-    """Wrap ``model(x, sigma, **kw) -> x0`` so pixels that have not started follow ``source`` along ``noise``.
+def noised_source_reference(source: torch.Tensor, noise: torch.Tensor, parametrization: str = "vp"):
+    """Where a held pixel sits at ``sigma`` in plain NGDM: the source noised along the one noise, predicting the source."""
+    return lambda sigma: (noise_source(source, noise, sigma, parametrization), source)
+
+
+def per_pixel_time_denoiser(model, reference, sigmas: torch.Tensor, start: torch.Tensor):
+    """Wrap ``model(x, sigma, **kw) -> x0`` so pixels that have not started follow ``reference``.
+
+    ``reference(sigma)`` gives the state a held pixel has at ``sigma`` and the prediction that
+    carries it to the next one: the noised source and the source for plain NGDM
+    (:func:`noised_source_reference`), or an inverted trajectory and its own predictions.
 
     Before every model call, each pixel that was still held at the schedule's previous sigma
-    is reset to the noised source (Algorithm 1, line 7): held pixels stay on it, and a pixel
+    is reset to the reference state (Algorithm 1, line 7): held pixels stay on it, and a pixel
     starts from it. The reset writes into ``x`` in place because ``x`` is the sampler's own
     state: that is how ancestral and SDE samplers, which add fresh noise between calls, keep
-    the one fixed ``noise``. Where a pixel is held, the prediction is replaced by the source.
+    the reference's noise. Where a pixel is held, the prediction is the reference's.
     """
     def denoise(x, sigma, **extra_args):
         hold = ~started(sigma, start)
         earlier = sigmas[sigmas > torch.as_tensor(sigma).reshape(-1)[0].to(sigmas)]
         reset = ~started(earlier.min(), start) if earlier.numel() else hold
-        x.copy_(torch.where(reset, noise_source(source, noise, sigma, parametrization), x))
-        return torch.where(hold, source, model(x, sigma, **extra_args))
+        state, prediction = reference(sigma)
+        x.copy_(torch.where(reset, state, x))
+        return torch.where(hold, prediction, model(x, sigma, **extra_args))
 
     return denoise
 
@@ -103,8 +112,8 @@ def sample_per_pixel_time(denoiser, source: torch.Tensor, weights: torch.Tensor,
     if noise.shape != source.shape:
         raise ValueError(f"noise has shape {tuple(noise.shape)} but source has {tuple(source.shape)}")
     start = start_sigmas(weights.to(source.dtype), sigmas, mapping, parametrization)
-    model = per_pixel_time_denoiser(lambda x, sigma: denoiser(x, sigma, cond), source, noise, sigmas, start,
-                                    parametrization)
+    model = per_pixel_time_denoiser(lambda x, sigma: denoiser(x, sigma, cond),
+                                    noised_source_reference(source, noise, parametrization), sigmas, start)
     x = noise_source(source, noise, sigmas[0], parametrization)
     return sampler(model, x, sigmas, callback=callback, **sampler_options)
 

@@ -6,7 +6,8 @@ import comfy.samplers
 import torch
 from comfy_api.latest import io
 
-from ..ngdm_core.ngdm import MAPPINGS, WEIGHT_MAP_MODES, per_pixel_time_denoiser, started, weight_map
+from ..ngdm_core.ngdm import (MAPPINGS, WEIGHT_MAP_MODES, noised_source_reference, per_pixel_time_denoiser, started,
+                              weight_map)
 from ..ngdm_core.validation import require_unit_interval
 from .host import (guided_denoiser, host_start_sigmas, parametrization, progress_reporter, require_image_latent,
                    seeds_per_call)
@@ -106,8 +107,8 @@ def sample_per_pixel_time(model, x, sigmas, extra_args=None, callback=None, disa
     _require_weights(weights, "PerPixelTimeSampler")
     model_sampling = model.inner_model.inner_model.model_sampling
     start = host_start_sigmas(model_sampling, weights, sigmas, mapping)
-    denoise = per_pixel_time_denoiser(model, model.latent_image, model.noise, sigmas, start,
-                                      parametrization(model_sampling))
+    reference = noised_source_reference(model.latent_image, model.noise, parametrization(model_sampling))
+    denoise = per_pixel_time_denoiser(model, reference, sigmas, start)
     # The replacement is done here, so the host's own soft-mask blending is switched off.
     return base_sampler.sampler_function(_HeldPixelsModel(model, denoise), x, sigmas,
                                          extra_args={**extra_args, "denoise_mask": None}, callback=callback,
