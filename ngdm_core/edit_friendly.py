@@ -39,13 +39,18 @@ def ancestral_coefficients(sigma, sigma_next, eta: float, parametrization: str =
     return scale * ratio, scale * (1 - ratio), noise_scale if noise_scale > 0 else torch.ones_like(noise_scale)
 
 
+def ancestral_update(x, denoised, noise_map, coefficients):
+    a, b, s = coefficients
+    return a * x + b * denoised + s * noise_map
+
+
 @dataclass
 class Inversion:
     """An edit-friendly inversion: replay it with :func:`sample_edit_friendly`.
 
     ``sigmas`` runs from the first edit step to the end; ``trajectory[i]`` is the source's
-    noisy version at ``sigmas[i]`` (the last one the source itself when the schedule ends at
-    0); ``predictions[i]`` is the guided source prediction there; ``noise_maps[i]`` the map
+    noisy version at ``sigmas[i]`` (the last one the source, to float rounding, when the
+    schedule ends at 0); ``predictions[i]`` is the guided source prediction there; ``noise_maps[i]`` the map
     of step ``i``.
     """
     sigmas: torch.Tensor
@@ -94,6 +99,7 @@ def _require_decreasing(sigmas):
         raise ValueError("sigmas must be strictly decreasing (from high noise to low)")
 
 
+@torch.no_grad()
 def invert_edit_friendly(denoiser, source: torch.Tensor, sigmas: torch.Tensor, cond=None, eta: float = 1.0,
                          skip: float = 0.0, parametrization: str = "vp", generator: torch.Generator | None = None,
                          progress=None) -> Inversion:
@@ -115,8 +121,13 @@ def invert_edit_friendly(denoiser, source: torch.Tensor, sigmas: torch.Tensor, c
     sigma_batch = source.new_ones(source.shape[0])
     for i in range(steps):
         predictions[i] = denoiser(trajectory[i], sigmas[i] * sigma_batch, cond)
-        a, b, s = ancestral_coefficients(sigmas[i], sigmas[i + 1], eta, parametrization)
+        coefficients = ancestral_coefficients(sigmas[i], sigmas[i + 1], eta, parametrization)
+        a, b, s = coefficients
         noise_maps[i] = (trajectory[i + 1] - a * trajectory[i] - b * predictions[i]) / s
+        # The next level becomes what the replay will compute from this map, rounding included
+        # (it moves by about one float step), so replaying under the source condition retraces
+        # the inversion bit for bit instead of accumulating rounding through the model.
+        trajectory[i + 1] = ancestral_update(trajectory[i], predictions[i], noise_maps[i], coefficients)
         if progress is not None:
             progress(i + 1, steps)
     return Inversion(sigmas, trajectory, predictions, noise_maps, eta, parametrization)
@@ -136,8 +147,8 @@ def sample_edit_friendly(model, x, sigmas, extra_args=None, callback=None, inver
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
-        a, b, s = ancestral_coefficients(sigmas[i], sigmas[i + 1], inversion.eta, inversion.parametrization)
-        x = a * x + b * denoised + s * inversion.noise_maps[i]
+        coefficients = ancestral_coefficients(sigmas[i], sigmas[i + 1], inversion.eta, inversion.parametrization)
+        x = ancestral_update(x, denoised, inversion.noise_maps[i], coefficients)
     return x
 
 
@@ -163,6 +174,7 @@ def edit_per_pixel_time(denoiser, inversion: Inversion, weights: torch.Tensor, c
                                 inversion=inversion)
 
 
+@torch.no_grad()
 def invert_ddim(denoiser, source: torch.Tensor, sigmas: torch.Tensor, cond=None,
                 parametrization: str = "vp") -> torch.Tensor:
     """Deterministic (DDIM) inversion, the baseline: the noise predicted at each level carries the source up.

@@ -118,6 +118,7 @@ def sample_per_pixel_time(denoiser, source: torch.Tensor, weights: torch.Tensor,
     return sampler(model, x, sigmas, callback=callback, **sampler_options)
 
 
+@torch.no_grad()
 def prompt_difference(denoiser, source: torch.Tensor, source_cond, target_cond, sigma: float, noise: torch.Tensor,
                       parametrization: str = "vp", max_batch: int | None = None, progress=None) -> torch.Tensor:
     """Mean over seeds and channels of ``|D(x, sigma, target) - D(x, sigma, source)|``, shape (B, 1, H, W).

@@ -2,9 +2,9 @@
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import ngdm
+from . import edit_friendly, ngdm
 
 
 class EditingExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [*ngdm.NODES]
+        return [*ngdm.NODES, *edit_friendly.NODES]

@@ -107,7 +107,12 @@ def sample_per_pixel_time(model, x, sigmas, extra_args=None, callback=None, disa
     _require_weights(weights, "PerPixelTimeSampler")
     model_sampling = model.inner_model.inner_model.model_sampling
     start = host_start_sigmas(model_sampling, weights, sigmas, mapping)
-    reference = noised_source_reference(model.latent_image, model.noise, parametrization(model_sampling))
+    # Over an edit-friendly inversion, held pixels follow the inverted trajectory instead.
+    inversion = getattr(base_sampler, "inversion", None)
+    if inversion is not None:
+        reference = inversion.to(x.device).reference
+    else:
+        reference = noised_source_reference(model.latent_image, model.noise, parametrization(model_sampling))
     denoise = per_pixel_time_denoiser(model, reference, sigmas, start)
     # The replacement is done here, so the host's own soft-mask blending is switched off.
     return base_sampler.sampler_function(_HeldPixelsModel(model, denoise), x, sigmas,
