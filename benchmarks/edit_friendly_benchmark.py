@@ -8,25 +8,15 @@ the reconstruction error of edit-friendly against DDIM inversion on the tiny mod
 """
 
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "comfy"))
 import tiny_host  # noqa: E402
+from timing import interleaved_medians  # noqa: E402
 
 STEPS = 50
 SIZE = 32
 REPEATS = 5
-
-
-def median_seconds(run):
-    times = []
-    for _ in range(REPEATS):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main():
@@ -42,7 +32,7 @@ def main():
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", STEPS).cpu()
     source = torch.randn(1, 4, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
     positive, negative = host.tiny_conditioning("source"), host.tiny_conditioning("negative")
-    print(f"tiny U-Net, latent {SIZE}x{SIZE}, {STEPS} steps, skip 0, cfg 3.5, median of {REPEATS} runs, "
+    print(f"tiny U-Net, latent {SIZE}x{SIZE}, {STEPS} steps, skip 0, cfg 3.5, median of {REPEATS} interleaved runs, "
           f"{torch.get_num_threads()} threads")
 
     def invert():
@@ -58,10 +48,9 @@ def main():
     invert()
     print(f"inversion: {len(batch_sizes) / STEPS:.2f} U-Net calls per step, batch {sorted(set(batch_sizes))} "
           "(cond and uncond of one guided evaluation)")
-    plain()
-    inversion_seconds, plain_seconds = median_seconds(invert), median_seconds(plain)
-    print(f"inversion {inversion_seconds:.3f} s, plain euler_ancestral sampling {plain_seconds:.3f} s, "
-          f"ratio {inversion_seconds / plain_seconds:.3f}")
+    seconds = interleaved_medians({"inversion": invert, "plain": plain}, REPEATS)
+    print(f"inversion {seconds['inversion']:.3f} s, plain euler_ancestral sampling {seconds['plain']:.3f} s, "
+          f"ratio {seconds['inversion'] / seconds['plain']:.3f}")
 
     sdxl = edit_friendly.invert_edit_friendly(lambda x, sigma, cond: x, torch.zeros(1, 4, 128, 128),
                                               torch.linspace(14.6, 0.0, 101))
@@ -69,17 +58,19 @@ def main():
     print(f"1024x1024 SDXL latent (4x128x128), 100 steps, float32: noise maps {megabytes['noise_maps']:.1f} MiB; "
           f"with the trajectory and predictions kept for NGDM {sum(megabytes.values()):.1f} MiB")
 
-    denoise = host_module.guided_denoiser(model, negative, 3.5, 0)
     processed = model.model.process_latent_in(source)
-    inversion = edit_friendly.invert_edit_friendly(denoise, processed, sigmas, positive,
-                                                   generator=torch.Generator().manual_seed(0))
-    edit_friendly_error = (edit_friendly.edit(denoise, inversion, positive) - processed).abs().max().item()
-    ddim_start = edit_friendly.invert_ddim(denoise, processed, sigmas, positive)
-    model_k = lambda x, sigma: denoise(x, sigma, positive)  # noqa: E731
-    ddim_error = (host.pack_module("ngdm_core.samplers").sample_euler(model_k, ddim_start, sigmas) - processed).abs().max().item()
     scale = processed.std().item()
-    print(f"reconstruction, max error relative to the latent's std: edit-friendly {edit_friendly_error / scale:.1e}, "
-          f"DDIM {ddim_error / scale:.1e}")
+    sample_euler = host.pack_module("ngdm_core.samplers").sample_euler
+    for cfg in (1.0, 3.5):
+        denoise = host_module.guided_denoiser(model, negative, cfg, 0)
+        inversion = edit_friendly.invert_edit_friendly(denoise, processed, sigmas, positive,
+                                                       generator=torch.Generator().manual_seed(0))
+        edit_friendly_error = (edit_friendly.edit(denoise, inversion, positive) - processed).abs().max().item()
+        ddim_start = edit_friendly.invert_ddim(denoise, processed, sigmas, positive)
+        replayed = sample_euler(lambda x, sigma: denoise(x, sigma, positive), ddim_start, sigmas)
+        ddim_error = (replayed - processed).abs().max().item()
+        print(f"reconstruction at cfg {cfg}, max error relative to the latent's std: "
+              f"edit-friendly {edit_friendly_error / scale:.1e}, DDIM {ddim_error / scale:.1e}")
 
 
 if __name__ == "__main__":
