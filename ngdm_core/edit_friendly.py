@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .ngdm import per_pixel_time_denoiser, start_sigmas
-from .samplers import ancestral_step
+from .samplers import ancestral_step, report_step
 from .schedule import check_parametrization, noise_source
 from .validation import (require_finite_tensor, require_map_matches, require_sigma_schedule, require_unit_interval)
 
@@ -145,8 +145,7 @@ def sample_edit_friendly(model, x, sigmas, extra_args=None, callback=None, inver
     s_in = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+        report_step(callback, x, i, sigmas[i], denoised)
         coefficients = ancestral_coefficients(sigmas[i], sigmas[i + 1], inversion.eta, inversion.parametrization)
         x = ancestral_update(x, denoised, inversion.noise_maps[i], coefficients)
     return x

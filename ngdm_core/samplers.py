@@ -20,7 +20,8 @@ def _step_to(x, sigma, sigma_next, denoised):
     return x + _to_d(x, sigma, denoised) * (sigma_next - sigma)
 
 
-def _report(callback, x, i, sigma, denoised):
+def report_step(callback, x, i, sigma, denoised):
+    """Call a ComfyUI-style step callback, if any."""
     if callback is not None:
         callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
 
@@ -32,7 +33,7 @@ def sample_euler(model, x, sigmas, extra_args=None, callback=None):
     s_in = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
-        _report(callback, x, i, sigmas[i], denoised)
+        report_step(callback, x, i, sigmas[i], denoised)
         x = _step_to(x, sigmas[i], sigmas[i + 1], denoised)
     return x
 
@@ -52,7 +53,7 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, eta
     s_in = x.new_ones([x.shape[0]])
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
-        _report(callback, x, i, sigmas[i], denoised)
+        report_step(callback, x, i, sigmas[i], denoised)
         sigma_down, sigma_up = ancestral_step(sigmas[i], sigmas[i + 1], eta)
         x = _step_to(x, sigmas[i], sigma_down, denoised)
         if sigmas[i + 1] > 0:
@@ -68,7 +69,7 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None):
     old_denoised = None
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
-        _report(callback, x, i, sigmas[i], denoised)
+        report_step(callback, x, i, sigmas[i], denoised)
         if sigmas[i + 1] == 0:
             x = denoised
             break
