@@ -1,0 +1,41 @@
+"""The cost of EdgePreservingNoise against RandomNoise for a 128x128 latent, in a headless ComfyUI (CPU).
+
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/edge_preserving_benchmark.py
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "comfy"))
+import tiny_host  # noqa: E402
+from timing import interleaved_medians  # noqa: E402
+
+REPEATS = 51
+
+
+def main():
+    host = tiny_host.start(os.path.abspath(os.environ["COMFYUI_PATH"]))
+    import comfy.samplers
+    import nodes
+    import torch
+    model = host.tiny_model("eps")
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 30)[-22:].cpu()
+    latent = {"samples": torch.randn(1, 4, 128, 128)}
+    (random_noise,) = nodes.NODE_CLASS_MAPPINGS["RandomNoise"].execute(noise_seed=0).result
+    knobs = dict(lambda_min=1e-4, lambda_max=0.1, t_phi=0.5, transition="linear", strength=1.0)
+    edge_nodes = nodes.NODE_CLASS_MAPPINGS["EdgePreservingNoise"]
+    (from_latent,) = edge_nodes.execute(model=model, sigmas=sigmas, seed=0, **knobs).result
+    (from_image,) = edge_nodes.execute(model=model, sigmas=sigmas, seed=0, image=torch.rand(1, 1024, 1024, 3),
+                                       **knobs).result
+    seconds = interleaved_medians({
+        "RandomNoise": lambda: random_noise.generate_noise(latent),
+        "edges from the latent": lambda: from_latent.generate_noise(latent),
+        "edges from a 1024x1024 image": lambda: from_image.generate_noise(latent),
+    }, REPEATS)
+    print(f"latent 1x4x128x128, median of {REPEATS} interleaved runs, {torch.get_num_threads()} threads")
+    for label, value in seconds.items():
+        print(f"{label}: {value * 1e3:.2f} ms, {value / seconds['RandomNoise']:.2f}x RandomNoise")
+
+
+if __name__ == "__main__":
+    main()
