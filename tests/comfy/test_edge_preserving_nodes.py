@@ -1,6 +1,3 @@
-import json
-import os
-
 import pytest
 import torch
 
@@ -88,10 +85,5 @@ def test_the_ancestral_sampler_draws_edge_preserving_noise(host):
 @pytest.mark.parametrize("kind", ["eps", "flow"])
 def test_the_stroke_workflow_runs(host, kind):
     host.TINY_MODEL_KIND["kind"] = kind
-    with open(os.path.join(host.PACK_ROOT, "example_workflows", "edge_preserving_stroke_img2img.json")) as f:
-        prompt = host.ui_to_api(json.load(f))
-    for entry in prompt.values():
-        if entry["class_type"] == "BasicScheduler":
-            entry["inputs"]["steps"] = 8
-    captured = host.run_prompt(prompt)
+    captured = host.run_prompt(host.load_workflow("edge_preserving_stroke_img2img", 8))
     assert torch.isfinite(captured["output"]["samples"]).all()

@@ -224,6 +224,31 @@ def _widget_inputs(class_type):
     return widgets
 
 
+def load_workflow(name, steps):
+    """An example workflow as an API prompt; every ``steps`` widget is set to ``steps`` to keep CPU runs short."""
+    import json
+    with open(os.path.join(PACK_ROOT, "example_workflows", f"{name}.json")) as f:
+        prompt = ui_to_api(json.load(f))
+    for node in prompt.values():
+        if "steps" in node["inputs"]:
+            node["inputs"]["steps"] = steps
+    return prompt
+
+
+def node_of(prompt, class_type):
+    """The first node of ``class_type`` in an API prompt."""
+    return next(node for node in prompt.values() if node["class_type"] == class_type)
+
+
+def check_kept_where_lambda_is_zero(captured, tolerance):
+    """The output latent equals the source where Lambda is 0 and moves where it is 1 (both must exist)."""
+    source, output = captured["source"], captured["output"]
+    weights = output["noise_mask"].expand_as(source)
+    assert (weights == 0).any() and (weights == 1).any()
+    assert (output["samples"] - source)[weights == 0].abs().max().item() <= tolerance
+    assert (output["samples"] - source)[weights == 1].abs().mean().item() > 1e-2
+
+
 def ui_to_api(workflow):
     """Convert a UI-format workflow to an API prompt, with the weight-free stand-ins swapped in."""
     links = {link[0]: link for link in workflow["links"]}
