@@ -226,14 +226,17 @@ def edge_preserving_noise(noise: torch.Tensor, edges: torch.Tensor, t, strength:
     return noise * (strength * ratio + (1 - strength))
 
 
-def resize_to_latent(image: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
-    """Area-average a (B, C, H, W) ``image`` to ``latent_size`` (height, width), whose aspect must match to a pixel."""
+def resize_to_latent(image: torch.Tensor, latent_size: tuple[int, int], name: str = "image") -> torch.Tensor:
+    """Area-average a (B, C, H, W) ``image`` to ``latent_size`` (height, width), whose aspect must match to a pixel.
+
+    ``name`` is the input named in errors.
+    """
     height, width = image.shape[-2:]
     latent_height, latent_width = latent_size
     if abs(height * latent_width / width - latent_height) > 1 or abs(width * latent_height / height - latent_width) > 1:
-        raise ValueError(f"image is {height}x{width} pixels, which does not fit the aspect ratio of the "
+        raise ValueError(f"{name} is {height}x{width} pixels, which does not fit the aspect ratio of the "
                          f"{latent_height}x{latent_width} latent")
     resized = F.interpolate(image, size=(latent_height, latent_width), mode="area")
     # Checked after averaging, which keeps any NaN or inf, at a fraction of the cost on a large image.
-    require_finite_tensor("image", resized)
+    require_finite_tensor(name, resized)
     return resized

@@ -172,7 +172,10 @@ def _stand_in_nodes():
         @classmethod
         def execute(cls, image):
             size = 8 * LATENT_SIZE
-            return io.NodeOutput(torch.rand(1, size, size, 3, generator=_seeded(image)), torch.zeros(1, size, size))
+            # Its painted mask is the top-left quarter, as a user would mark a region to edit.
+            mask = torch.zeros(1, size, size)
+            mask[:, :size // 2, :size // 2] = 1.0
+            return io.NodeOutput(torch.rand(1, size, size, 3, generator=_seeded(image)), mask)
 
     class TinyEncode(io.ComfyNode):
         @classmethod

@@ -1,0 +1,217 @@
+"""Region Jacobian nodes: find edit directions in the U-Net bottleneck confined to a mask, and apply one."""
+
+import itertools
+from dataclasses import dataclass
+
+import comfy.ldm.modules.diffusionmodules.openaimodel
+import comfy.model_management
+import comfy.sampler_helpers
+import comfy.samplers
+import torch
+from comfy_api.latest import io
+
+from ..ngdm_core.edge_preserving import resize_to_latent
+from ..ngdm_core.region_jacobian import region_directions
+from ..ngdm_core.schedule import noise_source
+from .host import parametrization, progress_reporter, require_image_latent
+
+CATEGORY = "NGDM Editing"
+BOTTLENECK = ("output", 0)
+RegionDirectionsType = io.Custom("REGION_DIRECTIONS")
+
+
+@dataclass
+class BottleneckDirections:
+    """REGION_DIRECTIONS: unit h-space vectors (k, C, h, w) with what they were found for."""
+    vectors: torch.Tensor
+    singular_values: torch.Tensor
+    leakage: torch.Tensor
+    unconfined_leakage: torch.Tensor
+    sigma: float
+    converged: bool
+
+
+def require_unet(model):
+    diffusion_model = model.model.diffusion_model
+    if not isinstance(diffusion_model, comfy.ldm.modules.diffusionmodules.openaimodel.UNetModel):
+        raise ValueError(f"model: {type(diffusion_model).__name__} has no U-Net bottleneck. Region directions "
+                         "need a U-Net model: SD1.x, SD2.x or SDXL.")
+    return diffusion_model
+
+
+def model_inputs(model, x, sigma, positive):
+    """The U-Net's arguments for ``x`` at ``sigma`` under ``positive``, as BaseModel.apply_model builds them."""
+    conds = comfy.samplers.encode_model_conds(model.model.extra_conds, comfy.sampler_helpers.convert_cond(positive)[:1],
+                                              x, x.device, "positive")
+    extra = {name: cond.process_cond(batch_size=x.shape[0], device=x.device).cond
+             for name, cond in conds[0]["model_conds"].items()}
+    model_sampling = model.get_model_object("model_sampling")
+    sigma_batch = torch.full((x.shape[0],), sigma, device=x.device)
+    inputs = model_sampling.calculate_input(sigma_batch, x)
+    if "c_concat" in extra:
+        inputs = torch.cat([inputs, extra.pop("c_concat").to(inputs)], dim=1)
+    return inputs, model_sampling.timestep(sigma_batch).float(), extra
+
+
+def bottleneck_function(model, x, sigma, positive):
+    """``(f, h)``: the U-Net's output as a function of its bottleneck, and the bottleneck at ``x``.
+
+    The U-Net runs on clones of its weights: weights loaded under ComfyUI's inference mode
+    cannot be saved for backward, which the Jacobian's reverse-mode products need.
+    """
+    diffusion_model = require_unet(model)
+    inputs, timestep, extra = model_inputs(model, x, sigma, positive)
+    context = extra.pop("c_crossattn", None)
+    with torch.inference_mode(False):
+        weights = {name: tensor.clone() for name, tensor in
+                   itertools.chain(diffusion_model.named_parameters(), diffusion_model.named_buffers())}
+        arguments = [tensor.clone() for tensor in (inputs, timestep)]
+        keywords = {name: value.clone() if torch.is_tensor(value) else value for name, value in extra.items()}
+        context = None if context is None else context.clone()
+
+    def run(patch):
+        options = {"patches": {"output_block_patch": [patch]}}
+        return torch.func.functional_call(diffusion_model, weights, tuple(arguments),
+                                          {"context": context, "transformer_options": options, **keywords})
+
+    captured = {}
+
+    def capture(h, hsp, transformer_options):
+        if transformer_options.get("block") == BOTTLENECK:
+            captured["h"] = h.detach()
+        return h, hsp
+
+    with torch.inference_mode(False), torch.no_grad():
+        run(capture)
+
+    def f(h):
+        return run(lambda current, hsp, transformer_options:
+                   (h if transformer_options.get("block") == BOTTLENECK else current, hsp))
+
+    return f, captured["h"]
+
+
+def latent_mask(mask, latent):
+    """The MASK (B, H, W) area-averaged to the latent's size, as (1, 1, h, w)."""
+    if mask.ndim == 2:
+        mask = mask[None]
+    if mask.ndim != 3:
+        raise ValueError(f"mask: expected (height, width) or (batch, height, width), got {tuple(mask.shape)}")
+    return resize_to_latent(mask[:1, None].to(latent), latent.shape[-2:], "mask")
+
+
+class RegionJacobianDirection(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="RegionJacobianDirection",
+            display_name="Region Jacobian Directions",
+            category=CATEGORY,
+            description="Finds unsupervised edit directions in the U-Net bottleneck (h-space) that change the masked "
+                        "region, with the direction that most changes the rest projected out. Apply one with "
+                        "ApplyRegionDirection. U-Net models only (SD1.x, SD2.x, SDXL).",
+            inputs=[
+                io.Model.Input("model"),
+                io.Latent.Input("latent", tooltip="The source latent; or, with add_noise off, a noisy latent at the "
+                                                  "probe time (e.g. an inversion's)."),
+                io.Conditioning.Input("positive"),
+                io.Mask.Input("mask", tooltip="The region to edit; the rest should stay."),
+                io.Float.Input("probe_percent", default=0.5, min=0.0, max=0.99, step=0.01,
+                               tooltip="Where in the schedule the Jacobian is taken (0 is the start, at full noise)."),
+                io.Int.Input("k", default=3, min=1, max=16, tooltip="How many directions."),
+                io.Int.Input("r", default=1, min=0, max=16,
+                             tooltip="How many outside directions are projected out (the authors use 1)."),
+                io.Int.Input("iterations", default=50, min=1, max=500, tooltip="Power-iteration cap."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+                io.Boolean.Input("add_noise", default=True, tooltip="Noise the latent to the probe time first."),
+            ],
+            outputs=[
+                RegionDirectionsType.Output(display_name="directions"),
+                io.Mask.Output(display_name="preview", tooltip="Where each direction changes the output, one per direction."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, latent, positive, mask, probe_percent, k, r, iterations, seed,
+                add_noise) -> io.NodeOutput:
+        require_unet(model)
+        samples = latent["samples"][:1]
+        require_image_latent("latent", model, samples)
+        comfy.model_management.load_models_gpu([model])
+        device = model.load_device
+        model_sampling = model.get_model_object("model_sampling")
+        sigma = float(model_sampling.percent_to_sigma(probe_percent))
+        x = model.model.process_latent_in(samples.to(torch.float32)).to(device)
+        if add_noise:
+            noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(x)
+            x = noise_source(x, noise, sigma, parametrization(model_sampling))
+        region = latent_mask(mask, x)
+        f, h = bottleneck_function(model, x, sigma, positive)
+        found = region_directions(f, h, region, k=k, r=r, max_iter=iterations, seed=seed,
+                                  progress=progress_reporter(iterations * (2 if r else 1)))
+        directions = BottleneckDirections(found.vectors.cpu(), found.singular_values.cpu(), found.leakage.cpu(),
+                                          found.unconfined_leakage.cpu(), sigma, found.converged)
+        return io.NodeOutput(directions, cls.preview(f, h, found.vectors, samples.shape[-2:], model))
+
+    @staticmethod
+    def preview(f, h, vectors, size, model):
+        """Per direction, how much a small step along it changes the output, normalised, at image resolution."""
+        with torch.inference_mode(False), torch.no_grad():
+            base = f(h)
+            step = 0.01 * h.norm()
+            changes = torch.stack([(f(h + step * v.to(h)) - base).abs().sum(dim=1)[0] for v in vectors])
+        changes = changes / changes.flatten(1).amax(dim=1).clamp(min=1e-12)[:, None, None]
+        ratio = getattr(model.model.latent_format, "spacial_downscale_ratio", 8)
+        return changes.repeat_interleave(ratio, dim=-2).repeat_interleave(ratio, dim=-1).float().cpu()
+
+
+class ApplyRegionDirection(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="ApplyRegionDirection",
+            display_name="Apply Region Direction",
+            category=CATEGORY,
+            description="Shifts the U-Net bottleneck by strength times one found direction, on every model call "
+                        "(cond and uncond) between start_percent and end_percent.",
+            inputs=[
+                io.Model.Input("model"),
+                RegionDirectionsType.Input("directions"),
+                io.Int.Input("index", default=0, min=0, max=15, tooltip="Which direction (0 is the strongest)."),
+                io.Float.Input("strength", default=10.0, min=-10000.0, max=10000.0, step=0.1,
+                               tooltip="Signed step along the unit direction, in h-space units."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01),
+            ],
+            outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, directions, index, strength, start_percent, end_percent) -> io.NodeOutput:
+        require_unet(model)
+        if index >= len(directions.vectors):
+            raise ValueError(f"index {index}: only {len(directions.vectors)} directions were found")
+        if start_percent > end_percent:
+            raise ValueError(f"start_percent ({start_percent}) must not exceed end_percent ({end_percent})")
+        model_sampling = model.get_model_object("model_sampling")
+        sigma_high = float(model_sampling.percent_to_sigma(start_percent))
+        sigma_low = float(model_sampling.percent_to_sigma(end_percent))
+        direction = directions.vectors[index]
+
+        def shift(h, hsp, transformer_options):
+            if transformer_options.get("block") != BOTTLENECK:
+                return h, hsp
+            if h.shape[1:] != direction.shape:
+                raise ValueError(f"directions: found for a bottleneck of shape {tuple(direction.shape)}, but this "
+                                 f"model and latent give {tuple(h.shape[1:])}")
+            sigma = float(transformer_options["sigmas"].max())
+            if sigma_low <= sigma <= sigma_high:
+                h = h + strength * direction.to(h)
+            return h, hsp
+
+        patched = model.clone()
+        patched.set_model_output_block_patch(shift)
+        return io.NodeOutput(patched)
+
+
+NODES = [RegionJacobianDirection, ApplyRegionDirection]
