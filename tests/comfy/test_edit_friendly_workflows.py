@@ -60,23 +60,11 @@ def test_miswired_replays_get_a_clear_error(host):
 
 
 def test_inversion_reports_progress_per_step_and_honours_cancel(host):
-    import comfy.model_management
     import comfy.samplers
-    import comfy.utils
     import nodes
-    updates = []
-    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: updates.append((value, total)))
     model = host.tiny_model("eps")
     inputs = dict(model=model, latent={"samples": torch.randn(1, 4, 8, 8)}, positive=host.tiny_conditioning("s"),
                   negative=host.tiny_conditioning("n"), source_cfg=3.5, eta=1.0, skip=0.5, seed=0,
                   sigmas=comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 8).cpu())
     invert = nodes.NODE_CLASS_MAPPINGS["EditFriendlyInvert"]
-    try:
-        invert.execute(**inputs)
-        assert updates == [(i, 4) for i in range(1, 5)]
-        comfy.model_management.interrupt_current_processing(True)
-        with pytest.raises(comfy.model_management.InterruptProcessingException):
-            invert.execute(**inputs)
-    finally:
-        comfy.model_management.interrupt_current_processing(False)
-        comfy.utils.set_progress_bar_global_hook(None)
+    assert host.progress_updates_and_cancel(lambda: invert.execute(**inputs)) == [(i, 4) for i in range(1, 5)]

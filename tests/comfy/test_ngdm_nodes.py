@@ -100,21 +100,9 @@ def test_bad_input_is_refused_with_the_inputs_name(host):
 
 
 def test_weight_map_reports_progress_and_honours_cancel(host):
-    import comfy.model_management
-    import comfy.utils
-    updates = []
-    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: updates.append((value, total)))
     conditioning = host.tiny_conditioning("x")
     inputs = dict(model=host.tiny_model("eps"), latent={"samples": torch.randn(1, 4, 8, 8)},
                   source_conditioning=conditioning, target_conditioning=host.tiny_conditioning("y"),
                   negative=conditioning, seed=0, num_maps=3, encode_strength=0.5, cfg=7.5, smoothing=1.0, a=10.0,
                   b=5.0, mode="ngdm")
-    try:
-        node(host, "NGDMWeightMap", **inputs)
-        assert updates == [(1, 2), (2, 2)]
-        comfy.model_management.interrupt_current_processing(True)
-        with pytest.raises(comfy.model_management.InterruptProcessingException):
-            node(host, "NGDMWeightMap", **inputs)
-    finally:
-        comfy.model_management.interrupt_current_processing(False)
-        comfy.utils.set_progress_bar_global_hook(None)
+    assert host.progress_updates_and_cancel(lambda: node(host, "NGDMWeightMap", **inputs)) == [(1, 2), (2, 2)]

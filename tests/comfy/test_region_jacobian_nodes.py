@@ -98,3 +98,9 @@ def test_bad_input_is_refused_with_the_inputs_name(host):
                       start_percent=0.0, end_percent=1.0)
     with pytest.raises(ValueError, match="directions: found for a bottleneck of shape"):
         host.sample_with_weights(patched, comfy.samplers.sampler_object("euler"), None, steps=2, size=8)
+
+
+def test_the_search_reports_progress_per_iteration_and_honours_cancel(host):
+    model = host.tiny_model("eps")
+    updates = host.progress_updates_and_cancel(lambda: find(host, model, quarter_mask(SIZE), iterations=3, k=2))
+    assert updates[-1] == (6, 6) and len(updates) >= 2

@@ -252,6 +252,29 @@ def check_kept_where_lambda_is_zero(captured, tolerance):
     assert (output["samples"] - source)[weights == 1].abs().mean().item() > 1e-2
 
 
+def progress_updates_and_cancel(run):
+    """Run ``run()`` once recording ComfyUI progress updates, then again with cancel set; it must stop.
+
+    Returns the ``(value, total)`` updates of the first run.
+    """
+    import comfy.model_management
+    import comfy.utils
+    updates = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: updates.append((value, total)))
+    try:
+        run()
+        recorded = list(updates)
+        comfy.model_management.interrupt_current_processing(True)
+        try:
+            run()
+        except comfy.model_management.InterruptProcessingException:
+            return recorded
+        raise AssertionError("the run did not stop on cancel")
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+        comfy.utils.set_progress_bar_global_hook(None)
+
+
 def ui_to_api(workflow):
     """Convert a UI-format workflow to an API prompt, with the weight-free stand-ins swapped in."""
     links = {link[0]: link for link in workflow["links"]}
