@@ -10,8 +10,7 @@ import torch
 from comfy_api.latest import io
 
 from ..ngdm_core.edge_preserving import TRANSITIONS, edge_map, edge_preserving_noise, resize_to_latent
-
-CATEGORY = "NGDM Editing"
+from .host import CATEGORY
 
 
 def _options(lambda_min, lambda_max, t_phi, transition):

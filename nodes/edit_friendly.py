@@ -7,9 +7,7 @@ import torch
 from comfy_api.latest import io
 
 from ..ngdm_core.edit_friendly import first_edit_step, invert_edit_friendly, require_eta, sample_edit_friendly
-from .host import parametrization, progress_reporter, require_image_latent
-
-CATEGORY = "NGDM Editing"
+from .host import CATEGORY, parametrization, progress_reporter, require_image_latent
 
 
 def replay_edit_friendly(model, x, sigmas, extra_args=None, callback=None, disable=None, inversion=None):

@@ -9,6 +9,8 @@ import torch
 from ..ngdm_core.ngdm import start_sigmas
 from ..ngdm_core.validation import require_finite_tensor
 
+CATEGORY = "NGDM Editing"
+
 
 def parametrization(model_sampling) -> str:
     """``"flow"`` for rectified-flow (CONST) models, ``"vp"`` for EPS, V-prediction, EDM and X0 models."""

@@ -9,10 +9,9 @@ from comfy_api.latest import io
 from ..ngdm_core.ngdm import (MAPPINGS, WEIGHT_MAP_MODES, noised_source_reference, per_pixel_time_denoiser, started,
                               weight_map)
 from ..ngdm_core.validation import require_unit_interval
-from .host import (guided_denoiser, host_start_sigmas, parametrization, progress_reporter, require_image_latent,
+from .host import (CATEGORY, guided_denoiser, host_start_sigmas, parametrization, progress_reporter, require_image_latent,
                    seeds_per_call)
 
-CATEGORY = "NGDM Editing"
 MAPPING_TOOLTIP = ("ngdm: each pixel starts at sigma_k = sqrt((1 + sigma_T^2)^lambda - 1), so noise grows as the paper's "
                    "non-isotropic process. linear: DifferentialDiffusion's threshold on the normalised timestep, for comparison.")
 

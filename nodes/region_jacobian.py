@@ -13,9 +13,8 @@ from comfy_api.latest import io
 from ..ngdm_core.edge_preserving import resize_to_latent
 from ..ngdm_core.region_jacobian import region_directions
 from ..ngdm_core.schedule import noise_source
-from .host import parametrization, progress_reporter, require_image_latent
+from .host import CATEGORY, parametrization, progress_reporter, require_image_latent
 
-CATEGORY = "NGDM Editing"
 BOTTLENECK = ("output", 0)
 RegionDirectionsType = io.Custom("REGION_DIRECTIONS")
 
