@@ -1,0 +1,355 @@
+"""High-fidelity rectifier (seed 003): a hypernetwork that modulates a frozen model's conv kernels.
+
+The base model is any ``nn.Module`` called as ``model(x_t, t) -> eps`` with integer timesteps
+``t`` (one per batch item) into a cumulative ``alpha_bar`` schedule. The rectifier looks at the
+source ``x0``, the step's plain estimate ``P_t = (x_t - sqrt(1 - ab) eps) / sqrt(ab)`` and ``t``,
+and generates per-sample separable offsets for the targeted ``nn.Conv2d`` layers (found by
+name), applied as ``theta * (1 + delta)``. The base model is never modified: the targeted convs
+run modulated only inside :func:`rectified`.
+"""
+
+import contextlib
+import json
+import math
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .validation import require_at_least, require_finite_tensor, require_positive
+
+FORMAT_VERSION = "1"
+
+# One layer's generated factors: ``(in_factor (B, 1, Cin/groups, kh, kw), out_factor (B, Cout, 1, kh, kw))``.
+Factors = tuple[torch.Tensor, torch.Tensor]
+
+
+def ddpm_alpha_bar(steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    """The cumulative ``alpha_bar`` of DDPM's linear beta schedule, indexed by integer timestep."""
+    return torch.cumprod(1 - torch.linspace(beta_start, beta_end, steps, dtype=torch.float64), 0).float()
+
+
+def _batch_view(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.reshape(-1, *([1] * (like.ndim - 1))).to(like)
+
+
+def noised(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """``x_t = sqrt(ab) x0 + sqrt(1 - ab) noise``: the source's own trajectory at ``t``."""
+    ab = _batch_view(alpha_bar[t], x0)
+    return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+
+def predicted_x0(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """DDIM's estimate ``P_t = (x_t - sqrt(1 - ab) eps) / sqrt(ab)``."""
+    ab = _batch_view(alpha_bar[t], x_t)
+    return (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
+
+
+# --- modulated convolution -------------------------------------------------------------------
+
+
+def separable_offset(in_factor: torch.Tensor, out_factor: torch.Tensor) -> torch.Tensor:
+    """The full per-sample offset ``(B, Cout, Cin, kh, kw)`` of the two slim factors."""
+    return out_factor * in_factor
+
+
+class SeparableConvModulation:
+    """One target conv run per sample with ``weight * (1 + separable_offset)``.
+
+    All samples go through one grouped convolution: the batch becomes groups of a single
+    image, so each sample sees its own kernel without a Python loop.
+    """
+
+    def __init__(self, conv: nn.Conv2d, name: str = "conv"):
+        if not isinstance(conv, nn.Conv2d):
+            raise ValueError(f"{name} must be an nn.Conv2d to be rectified, got {type(conv).__name__}")
+        self.conv = conv
+        self.name = name
+
+    def __call__(self, x: torch.Tensor, in_factor: torch.Tensor, out_factor: torch.Tensor) -> torch.Tensor:
+        conv = self.conv
+        batch = x.shape[0]
+        if in_factor.shape[0] != batch or out_factor.shape[0] != batch:
+            raise ValueError(f"{self.name} got a batch of {batch} but offsets for a batch of {in_factor.shape[0]}")
+        offset = separable_offset(in_factor, out_factor).to(conv.weight.dtype)
+        weight = (conv.weight * (1 + offset)).flatten(0, 1)
+        bias = None if conv.bias is None else conv.bias.repeat(batch)
+        padding = conv.padding
+        if conv.padding_mode != "zeros":
+            x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+            padding = 0
+        # Sample b's channels are group(s) b of one big image; conv.groups splits each sample further.
+        out = F.conv2d(x.reshape(1, -1, *x.shape[2:]), weight, bias, conv.stride, padding, conv.dilation,
+                       batch * conv.groups)
+        return out.reshape(batch, -1, *out.shape[2:])
+
+
+def _target_convs(model: nn.Module, targets: Iterable[str]) -> dict[str, nn.Conv2d]:
+    modules = dict(model.named_modules())
+    convs = {}
+    for name in targets:
+        if name not in modules:
+            raise ValueError(f"target {name!r} is not a module of the base model")
+        if not isinstance(modules[name], nn.Conv2d):
+            raise ValueError(f"target {name!r} must be an nn.Conv2d, got {type(modules[name]).__name__}")
+        convs[name] = modules[name]
+    return convs
+
+
+def shape_signature(model: nn.Module, targets: Iterable[str]) -> dict[str, list[int]]:
+    """The targeted convs' weight shapes by name: what a rectifier's offsets must fit."""
+    modules = dict(model.named_modules())
+    return {name: list(modules[name].weight.shape) if isinstance(modules.get(name), nn.Conv2d) else None
+            for name in sorted(targets)}
+
+
+@contextlib.contextmanager
+def rectified(model: nn.Module, factors: dict[str, Factors]):
+    """Run ``model`` with each named conv modulated by its ``factors`` until the block exits.
+
+    The convs' ``forward`` is shadowed by an instance attribute (the op becomes a grouped
+    conv, which hooks on the original call could only redo at double cost) and the
+    attribute is removed in ``finally``, so the model is left exactly as it was.
+    """
+    convs = _target_convs(model, factors)
+    for name, conv in convs.items():
+        if "forward" in vars(conv):
+            raise ValueError(f"target {name!r} is already rectified or has a patched forward")
+    try:
+        for name, conv in convs.items():
+            modulation = SeparableConvModulation(conv, name)
+            conv.forward = lambda x, modulation=modulation, pair=factors[name]: modulation(x, *pair)
+        yield model
+    finally:
+        for conv in convs.values():
+            vars(conv).pop("forward", None)
+
+
+# --- hypernetwork ------------------------------------------------------------------------------
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """The U-Net's sinusoidal embedding of (integer or float) timesteps, ``(B, dim)``."""
+    half = dim // 2
+    frequencies = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    angles = t.float()[:, None] * frequencies[None]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+class LayerSubnet(nn.Module):
+    """Maps the global feature to one conv's two slim factors."""
+
+    def __init__(self, feature_dim: int, weight_shape: list[int]):
+        super().__init__()
+        c_out, c_in, kh, kw = weight_shape
+        self.in_shape, self.out_shape = (1, c_in, kh, kw), (c_out, 1, kh, kw)
+        self.hidden = nn.Sequential(nn.Linear(feature_dim, feature_dim), nn.SiLU())
+        self.in_head = nn.Linear(feature_dim, c_in * kh * kw)
+        self.out_head = nn.Linear(feature_dim, c_out * kh * kw)
+        # Only one head starts at zero: delta = in * out is then exactly 0 (identity), yet the
+        # zero head still gets the other's nonzero gradient. Zeroing both would freeze both.
+        nn.init.zeros_(self.out_head.weight)
+        nn.init.zeros_(self.out_head.bias)
+
+    def forward(self, feature: torch.Tensor) -> Factors:
+        hidden = self.hidden(feature)
+        batch = feature.shape[0]
+        in_factor = self.in_head(hidden).reshape(batch, *self.in_shape)
+        return in_factor, self.out_head(hidden).reshape(batch, *self.out_shape)
+
+
+class Rectifier(nn.Module):
+    """Global encoder of ``(x0, P_t, t)`` plus one subnet per targeted conv.
+
+    The encoder sees ``x0`` and ``P_t`` concatenated (the paper found this better than their
+    difference), shrinks them with strided convs and a global average pool, and mixes in a
+    sinusoidal ``t`` embedding. An untrained rectifier outputs zero offsets.
+    """
+
+    def __init__(self, shapes: dict[str, list[int]], in_channels: int, width: int = 32, feature_dim: int = 64,
+                 time_dim: int = 32):
+        super().__init__()
+        self.shapes = {name: list(shape) for name, shape in sorted(shapes.items())}
+        self.config = {"in_channels": in_channels, "width": width, "feature_dim": feature_dim, "time_dim": time_dim}
+        self.time_dim = time_dim
+        self.encoder = nn.Sequential(
+            nn.Conv2d(2 * in_channels, width, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(width, width, 3, stride=2, padding=1), nn.SiLU(),
+            nn.Conv2d(width, width, 3, stride=2, padding=1), nn.SiLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.mixer = nn.Sequential(nn.Linear(width + time_dim, feature_dim), nn.SiLU())
+        # A list in sorted target order: dotted module names cannot be ModuleDict keys.
+        self.subnets = nn.ModuleList(LayerSubnet(feature_dim, shape) for shape in self.shapes.values())
+
+    @classmethod
+    def for_model(cls, model: nn.Module, targets: Iterable[str], in_channels: int, **config) -> "Rectifier":
+        """A rectifier for ``model``'s named convs."""
+        convs = _target_convs(model, targets)
+        return cls({name: list(conv.weight.shape) for name, conv in convs.items()}, in_channels, **config)
+
+    @property
+    def targets(self) -> list[str]:
+        return list(self.shapes)
+
+    def forward(self, x0: torch.Tensor, estimate: torch.Tensor, t: torch.Tensor) -> dict[str, Factors]:
+        pooled = self.encoder(torch.cat([x0, estimate], dim=1))
+        feature = self.mixer(torch.cat([pooled, timestep_embedding(t, self.time_dim).to(pooled)], dim=1))
+        return {name: subnet(feature) for name, subnet in zip(self.shapes, self.subnets)}
+
+    def generated_parameter_counts(self, batch_size: int = 1) -> dict[str, int]:
+        """Offset values generated per batch: separable factors vs a full ``Cout x Cin x kh x kw`` kernel."""
+        separable = sum(kh * kw * (c_in + c_out) for c_out, c_in, kh, kw in self.shapes.values())
+        full = sum(c_out * c_in * kh * kw for c_out, c_in, kh, kw in self.shapes.values())
+        return {"separable": batch_size * separable, "full": batch_size * full}
+
+
+# --- inference and training --------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _frozen(model: nn.Module):
+    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    try:
+        for parameter, _ in flags:
+            parameter.requires_grad_(False)
+        yield
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+
+
+def rectified_eps(model: nn.Module, rectifier: Rectifier, x_t: torch.Tensor, t: torch.Tensor, source: torch.Tensor,
+                  alpha_bar: torch.Tensor) -> torch.Tensor:
+    """One rectified step: a plain call for ``P_t``, then one modulated call.
+
+    Gradients reach only the rectifier: the model's parameters are frozen for the call (and
+    their flags restored), so a backward never accumulates into the base model.
+    """
+    with torch.no_grad():
+        estimate = predicted_x0(x_t, model(x_t, t), t, alpha_bar)
+    with _frozen(model), rectified(model, rectifier(source, estimate, t)):
+        return model(x_t, t)
+
+
+def noise_fitting_loss(model: nn.Module, rectifier: Rectifier, x0: torch.Tensor, t: torch.Tensor,
+                       noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """``mean |noise - eps_rectified(x_t)|^2``, the paper's reconstruction objective (Eq. 3)."""
+    x_t = noised(x0, noise, t, alpha_bar)
+    return F.mse_loss(rectified_eps(model, rectifier, x_t, t, x0, alpha_bar), noise)
+
+
+def directional_loss(edited_embedding: torch.Tensor, source_embedding: torch.Tensor,
+                     target_direction: torch.Tensor) -> torch.Tensor:
+    """``1 - cos(E(edited) - E(source), direction)``, averaged over the batch (Eq. 4)."""
+    change = edited_embedding - source_embedding
+    return (1 - F.cosine_similarity(change, target_direction.to(change).expand_as(change), dim=1)).mean()
+
+
+def edit_training_loss(model: nn.Module, rectifier: Rectifier, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                       alpha_bar: torch.Tensor, embed: Callable[[torch.Tensor], torch.Tensor],
+                       target_direction: torch.Tensor, direction_weight: float = 1.0,
+                       l1_weight: float = 1.0) -> torch.Tensor:
+    """The editing objective (Eq. 6) at one step of Algorithm 1.
+
+    ``x_t`` is always the source's own trajectory, never the previous edited step, so an
+    edit's deviation cannot accumulate over steps. ``embed`` maps images to ``(B, D)``
+    (CLIP's image encoder in the paper) and ``target_direction`` is ``(D,)`` or ``(B, D)``
+    (the text-embedding change).
+    """
+    x_t = noised(x0, noise, t, alpha_bar)
+    edited = predicted_x0(x_t, rectified_eps(model, rectifier, x_t, t, x0, alpha_bar), t, alpha_bar)
+    with torch.no_grad():
+        source_embedding = embed(x0)
+    direction = directional_loss(embed(edited), source_embedding, target_direction)
+    return direction_weight * direction + l1_weight * (edited - x0).abs().mean()
+
+
+def _batches(data, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    if not isinstance(data, torch.Tensor):
+        yield from data
+        return
+    while True:
+        yield data[torch.randint(len(data), (batch_size,), generator=generator)]
+
+
+def _require_trainable(name: str, module: nn.Module) -> None:
+    # Inference tensors cannot be saved for backward; a module built under inference_mode has them.
+    if any(tensor.is_inference() for tensor in module.state_dict().values()):
+        raise ValueError(f"{name} was created under torch.inference_mode; build it outside inference mode to train")
+
+
+def train_rectifier(model: nn.Module, rectifier: Rectifier, data, steps: int, lr: float = 1e-3,
+                    alpha_bar: torch.Tensor | None = None, batch_size: int = 8, weight_decay: float = 1e-5,
+                    seed: int = 0, progress=None) -> list[float]:
+    """Fit ``rectifier`` to ``model``'s noise-fitting loss with AdamW; returns the loss per step.
+
+    ``data`` is a tensor of source images ``(N, C, H, W)``, sampled with replacement, or an
+    iterable of batches (training stops early if it runs out). Timesteps, noise and batches
+    come from ``seed``. Only the rectifier learns. Works when called under
+    ``torch.inference_mode()``: the run leaves it, and inference-mode inputs are only read
+    into new tensors, never saved for backward themselves.
+    """
+    require_at_least("steps", steps, 1)
+    require_positive("lr", lr)
+    alpha_bar = ddpm_alpha_bar() if alpha_bar is None else alpha_bar
+    _require_trainable("rectifier", rectifier)
+    _require_trainable("model", model)
+    with torch.inference_mode(False), torch.enable_grad():
+        if isinstance(data, torch.Tensor):
+            require_finite_tensor("data", data)
+        generator = torch.Generator().manual_seed(seed)
+        optimizer = torch.optim.AdamW(rectifier.parameters(), lr=lr, weight_decay=weight_decay)
+        history = []
+        for step, x0 in zip(range(steps), _batches(data, batch_size, generator)):
+            t = torch.randint(len(alpha_bar), (x0.shape[0],), generator=generator)
+            noise = torch.randn(x0.shape, generator=generator).to(x0)
+            loss = noise_fitting_loss(model, rectifier, x0, t.to(x0.device), noise, alpha_bar.to(x0.device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            history.append(loss.item())
+            if progress is not None:
+                progress(step + 1, steps)
+    return history
+
+
+# --- files -------------------------------------------------------------------------------------
+
+
+def save_rectifier(rectifier: Rectifier, path: str) -> None:
+    """Write the weights as safetensors, with what :func:`load_rectifier` needs to rebuild and check it."""
+    metadata = {
+        "format": "ngdm-rectifier",
+        "format_version": FORMAT_VERSION,
+        "targets": json.dumps(rectifier.targets),
+        "shape_signature": json.dumps(rectifier.shapes),
+        "config": json.dumps(rectifier.config),
+    }
+    tensors = {key: value.detach().contiguous() for key, value in rectifier.state_dict().items()}
+    save_file(tensors, path, metadata=metadata)
+
+
+def _read_metadata(path: str) -> dict[str, str]:
+    with safe_open(path, framework="pt") as file:
+        metadata = file.metadata() or {}
+    if metadata.get("format") != "ngdm-rectifier":
+        raise ValueError(f"{path} is not a rectifier file")
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path} has rectifier format version {metadata.get('format_version')!r}, "
+                         f"this code reads {FORMAT_VERSION!r}")
+    return metadata
+
+
+def load_rectifier(path: str, model: nn.Module) -> Rectifier:
+    """Rebuild a saved rectifier, refusing a ``model`` whose targeted conv shapes differ."""
+    metadata = _read_metadata(path)
+    trained_for = json.loads(metadata["shape_signature"])
+    this_model = shape_signature(model, json.loads(metadata["targets"]))
+    if this_model != trained_for:
+        raise ValueError(f"rectifier was trained for conv shapes {trained_for} but this model has {this_model}")
+    rectifier = Rectifier(trained_for, **json.loads(metadata["config"]))
+    rectifier.load_state_dict(load_file(path))
+    return rectifier
