@@ -13,8 +13,11 @@ from ..ngdm_core.edge_preserving import TRANSITIONS, edge_map, edge_preserving_n
 from .host import CATEGORY
 
 
-def _options(lambda_min, lambda_max, t_phi, transition):
-    return {"lambda_min": lambda_min, "lambda_max": lambda_max, "t_phi": t_phi, "kind": transition}
+def _options(lambda_min, lambda_max, t_phi, transition, strength):
+    """The core's keyword options, checked now on a dummy map so bad knobs fail at the node, not in the sampler."""
+    options = {"lambda_min": lambda_min, "lambda_max": lambda_max, "t_phi": t_phi, "kind": transition}
+    edge_preserving_noise(torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1), 0.5, strength, **options)
+    return options
 
 
 def _edge_inputs():
@@ -88,10 +91,8 @@ class EdgePreservingNoise(io.ComfyNode):
                 image=None) -> io.NodeOutput:
         if len(sigmas) == 0:
             raise ValueError("sigmas is empty")
-        options = _options(lambda_min, lambda_max, t_phi, transition)
+        options = _options(lambda_min, lambda_max, t_phi, transition, strength)
         time = diffusion_time(model.get_model_object("model_sampling"), sigmas[0])
-        # Checked now on a dummy map, so bad knobs fail at this node, not inside the sampler.
-        edge_preserving_noise(torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1), time, strength, **options)
         return io.NodeOutput(EdgePreservingNoiseSource(seed, time, strength, options, image))
 
 
@@ -135,8 +136,7 @@ class EdgePreservingSampler(io.ComfyNode):
         if function is None or "noise_sampler" not in inspect.signature(function).parameters:
             raise ValueError("sampler: EdgePreservingSampler needs an ancestral or SDE sampler that draws fresh "
                              "noise (e.g. euler_ancestral, dpmpp_2m_sde); this one takes no noise")
-        options = _options(lambda_min, lambda_max, t_phi, transition)
-        edge_preserving_noise(torch.zeros(1, 1, 1, 1), torch.zeros(1, 1, 1, 1), 0.5, strength, **options)
+        options = _options(lambda_min, lambda_max, t_phi, transition, strength)
         function = functools.partial(sample_edge_preserving, base_sampler=sampler, strength=strength, options=options,
                                      image=image)
         return io.NodeOutput(comfy.samplers.KSAMPLER(function, inpaint_options=sampler.inpaint_options))

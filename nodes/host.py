@@ -39,6 +39,16 @@ def require_image_latent(name, model, samples):
     require_finite_tensor(name, samples)
 
 
+def to_image_resolution(maps, model):
+    """Per-latent-pixel maps (..., h, w) at image resolution, each latent pixel a block of the VAE's factor.
+
+    Nearest upsampling: ComfyUI's bilinear resize of a noise mask back to latent size samples
+    inside each block, so such a MASK gives the same values if it is set on a latent again.
+    """
+    ratio = getattr(model.model.latent_format, "spacial_downscale_ratio", 8)
+    return maps.repeat_interleave(ratio, dim=-2).repeat_interleave(ratio, dim=-1)
+
+
 def guided_denoiser(model, negative, cfg, seed):
     """``D(x, sigma, positive) -> x0``: the model's CFG'd prediction through ComfyUI's own guider.
 

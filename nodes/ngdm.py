@@ -10,7 +10,7 @@ from ..ngdm_core.ngdm import (MAPPINGS, WEIGHT_MAP_MODES, noised_source_referenc
                               weight_map)
 from ..ngdm_core.validation import require_unit_interval
 from .host import (CATEGORY, guided_denoiser, host_start_sigmas, parametrization, progress_reporter, require_image_latent,
-                   seeds_per_call)
+                   seeds_per_call, to_image_resolution)
 
 MAPPING_TOOLTIP = ("ngdm: each pixel starts at sigma_k = sqrt((1 + sigma_T^2)^lambda - 1), so noise grows as the paper's "
                    "non-isotropic process. linear: DifferentialDiffusion's threshold on the normalised timestep, for comparison.")
@@ -66,11 +66,7 @@ class NGDMWeightMap(io.ComfyNode):
         weights = weight_map(guided_denoiser(model, negative, cfg, seed), source, source_conditioning, target_conditioning,
                              sigma, num_maps=num_maps, seed=seed, mode=mode, smoothing=smoothing, a=a, b=b,
                              parametrization=kind, max_batch=max_batch, progress=progress).cpu()
-        # Nearest upsampling: ComfyUI's bilinear resize of a noise mask back to latent size samples
-        # inside each block, so this MASK reproduces Lambda exactly if it is set on a latent again.
-        ratio = getattr(model.model.latent_format, "spacial_downscale_ratio", 8)
-        mask = weights[:, 0].repeat_interleave(ratio, dim=-2).repeat_interleave(ratio, dim=-1)
-        return io.NodeOutput(mask, {**latent, "noise_mask": weights})
+        return io.NodeOutput(to_image_resolution(weights[:, 0], model), {**latent, "noise_mask": weights})
 
 
 class _HeldPixelsModel:

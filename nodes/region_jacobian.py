@@ -13,7 +13,7 @@ from comfy_api.latest import io
 from ..ngdm_core.edge_preserving import resize_to_latent
 from ..ngdm_core.region_jacobian import region_directions
 from ..ngdm_core.schedule import noise_source
-from .host import CATEGORY, parametrization, progress_reporter, require_image_latent
+from .host import CATEGORY, parametrization, progress_reporter, require_image_latent, to_image_resolution
 
 BOTTLENECK = ("output", 0)
 RegionDirectionsType = io.Custom("REGION_DIRECTIONS")
@@ -150,18 +150,16 @@ class RegionJacobianDirection(io.ComfyNode):
                                   progress=progress_reporter(iterations * (2 if r else 1)))
         directions = BottleneckDirections(found.vectors.cpu(), found.singular_values.cpu(), found.leakage.cpu(),
                                           found.unconfined_leakage.cpu(), sigma, found.converged)
-        return io.NodeOutput(directions, cls.preview(f, h, found.vectors, samples.shape[-2:], model))
+        return io.NodeOutput(directions, to_image_resolution(cls.preview(f, h, found.vectors), model).cpu())
 
     @staticmethod
-    def preview(f, h, vectors, size, model):
-        """Per direction, how much a small step along it changes the output, normalised, at image resolution."""
+    def preview(f, h, vectors):
+        """Per direction, how much a small step along it changes the output, normalised to a maximum of 1."""
         with torch.inference_mode(False), torch.no_grad():
             base = f(h)
             step = 0.01 * h.norm()
             changes = torch.stack([(f(h + step * v.to(h)) - base).abs().sum(dim=1)[0] for v in vectors])
-        changes = changes / changes.flatten(1).amax(dim=1).clamp(min=1e-12)[:, None, None]
-        ratio = getattr(model.model.latent_format, "spacial_downscale_ratio", 8)
-        return changes.repeat_interleave(ratio, dim=-2).repeat_interleave(ratio, dim=-1).float().cpu()
+        return (changes / changes.flatten(1).amax(dim=1).clamp(min=1e-12)[:, None, None]).float()
 
 
 class ApplyRegionDirection(io.ComfyNode):
