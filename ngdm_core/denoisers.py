@@ -6,7 +6,7 @@ and benchmarks have exact answers to compare against without any model weights.
 
 import torch
 
-from .schedule import check_parametrization
+from .schedule import check_parametrization, per_item
 
 
 class GaussianDenoiser:
@@ -30,7 +30,7 @@ class GaussianDenoiser:
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond=None) -> torch.Tensor:
         self.batch_sizes.append(x.shape[0])
         mean = self.means[cond].to(x)
-        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1, *([1] * (x.ndim - 1)))
+        sigma = per_item(sigma, x)
         variance = self.std**2
         if self.parametrization == "flow":
             signal = 1 - sigma

@@ -17,16 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from .samplers import report_step
+from .schedule import per_item
 from .validation import (require_finite_number, require_finite_tensor, require_map_matches, require_positive,
                          require_unit_interval)
 
 TRANSITIONS = ("linear", "cosine", "sigmoid")
-
-
-def _per_item(value, like: torch.Tensor) -> torch.Tensor:
-    """A scalar or one value per batch item, shaped to broadcast against ``like``."""
-    value = torch.as_tensor(value, dtype=like.dtype, device=like.device)
-    return value.reshape(-1, *([1] * (like.ndim - 1)))
 
 
 def edge_map(image: torch.Tensor) -> torch.Tensor:
@@ -105,8 +100,8 @@ def relative_noise_scale(t, edges: torch.Tensor, lambda_min: float = 1e-4, lambd
     require_unit_interval("edges", edges)
     # At least float32: in half precision G / lambda (up to 1 / lambda_min) can overflow.
     work = edges.to(torch.promote_types(edges.dtype, torch.float32))
-    tau = _per_item(transition(t, t_phi, kind, steepness), work)
-    ratio = work / _per_item(edge_lambda(t, lambda_min, lambda_max, t_phi), work)
+    tau = per_item(transition(t, t_phi, kind, steepness), work)
+    ratio = work / per_item(edge_lambda(t, lambda_min, lambda_max, t_phi), work)
     # The denominator written as 1 + (1 - tau)(sqrt(1 + G / lambda) - 1), which is exactly 1 where
     # G = 0 or tau = 1: there the process is exactly isotropic DDPM.
     return (1 / (1 + (1 - tau) * (torch.sqrt(1 + ratio) - 1))).to(edges.dtype)
@@ -117,7 +112,7 @@ def noise_scale(alpha_bar, t, edges: torch.Tensor, lambda_min: float = 1e-4, lam
     """``g_t``, the per-pixel noise scale at ``alpha_bar`` and time ``t`` (each a scalar or one per item)."""
     require_unit_interval("alpha_bar", torch.as_tensor(alpha_bar))
     relative = relative_noise_scale(t, edges, lambda_min, lambda_max, t_phi, kind, steepness)
-    return torch.sqrt(1 - _per_item(alpha_bar, edges)) * relative
+    return torch.sqrt(1 - per_item(alpha_bar, edges)) * relative
 
 
 def scaled_noise(x0: torch.Tensor, alpha_bar, t, noise: torch.Tensor, **options) -> torch.Tensor:
@@ -130,7 +125,7 @@ def scaled_noise(x0: torch.Tensor, alpha_bar, t, noise: torch.Tensor, **options)
 
 def forward_sample(x0: torch.Tensor, alpha_bar, t, noise: torch.Tensor, **options) -> torch.Tensor:
     """``x_t = sqrt(alpha_bar_t) x0 + g_t * noise`` for a standard normal ``noise``."""
-    return _per_item(alpha_bar, x0).sqrt() * x0 + scaled_noise(x0, alpha_bar, t, noise, **options)
+    return per_item(alpha_bar, x0).sqrt() * x0 + scaled_noise(x0, alpha_bar, t, noise, **options)
 
 
 def posterior(x_t: torch.Tensor, x0_hat: torch.Tensor, alpha_bar_t, alpha_bar_s, t, s, **options):
@@ -140,7 +135,7 @@ def posterior(x_t: torch.Tensor, x0_hat: torch.Tensor, alpha_bar_t, alpha_bar_s,
     """
     require_finite_tensor("x_t", x_t)
     require_finite_tensor("x0_hat", x0_hat)
-    alpha_bar_t, alpha_bar_s = _per_item(alpha_bar_t, x_t), _per_item(alpha_bar_s, x_t)
+    alpha_bar_t, alpha_bar_s = per_item(alpha_bar_t, x_t), per_item(alpha_bar_s, x_t)
     if (alpha_bar_t >= alpha_bar_s).any():
         raise ValueError("alpha_bar_t must be below alpha_bar_s: the step must go from more noise to less")
     edges = edge_map(x0_hat)
@@ -177,7 +172,7 @@ def training_loss(model, x0: torch.Tensor, alpha_bar_schedule: torch.Tensor, t_i
     t_index = torch.as_tensor(t_index, device=alpha_bar_schedule.device).expand(x0.shape[0])
     alpha_bar = alpha_bar_schedule[t_index]
     target = scaled_noise(x0, alpha_bar, schedule_time(t_index, len(alpha_bar_schedule)), noise, **options)
-    x_t = _per_item(alpha_bar, x0).sqrt() * x0 + target
+    x_t = per_item(alpha_bar, x0).sqrt() * x0 + target
     return (model(x_t, t_index) - target).square().flatten(1).sum(dim=1).mean()
 
 
@@ -199,7 +194,7 @@ def sample(model, shape_or_x_T, alpha_bar_schedule: torch.Tensor, callback=None,
         alpha_bar_t = alpha_bar_schedule[index]
         alpha_bar_s = alpha_bar_schedule[index - 1] if index > 0 else torch.ones_like(alpha_bar_t)
         t_index = torch.full((x.shape[0],), index, dtype=torch.long, device=x.device)
-        x0_hat = (x - model(x, t_index)) / _per_item(alpha_bar_t, x).sqrt()
+        x0_hat = (x - model(x, t_index)) / per_item(alpha_bar_t, x).sqrt()
         report_step(callback, x, step, torch.sqrt(1 / alpha_bar_t - 1), x0_hat)
         mean, variance = posterior(x, x0_hat, alpha_bar_t, alpha_bar_s, schedule_time(index, num_steps),
                                    schedule_time(index - 1, num_steps), **options)

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .schedule import per_item
 from .validation import require_at_least, require_finite_tensor, require_positive
 
 FORMAT_VERSION = "1"
@@ -32,19 +33,15 @@ def ddpm_alpha_bar(steps: int = 1000, beta_start: float = 1e-4, beta_end: float 
     return torch.cumprod(1 - torch.linspace(beta_start, beta_end, steps, dtype=torch.float64), 0).float()
 
 
-def _batch_view(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return values.reshape(-1, *([1] * (like.ndim - 1))).to(like)
-
-
 def noised(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
     """``x_t = sqrt(ab) x0 + sqrt(1 - ab) noise``: the source's own trajectory at ``t``."""
-    ab = _batch_view(alpha_bar[t], x0)
+    ab = per_item(alpha_bar[t], x0)
     return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
 
 
 def predicted_x0(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
     """DDIM's estimate ``P_t = (x_t - sqrt(1 - ab) eps) / sqrt(ab)``."""
-    ab = _batch_view(alpha_bar[t], x_t)
+    ab = per_item(alpha_bar[t], x_t)
     return (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
 
 

@@ -27,6 +27,12 @@ def vp_to_flow_sigma(sigma: torch.Tensor) -> torch.Tensor:
     return torch.where(sigma > 0, 1 / (1 + 1 / sigma), torch.zeros_like(sigma))
 
 
+def per_item(values, like: torch.Tensor) -> torch.Tensor:
+    """A scalar or one value per batch item, in ``like``'s dtype and device, shaped to broadcast against it."""
+    values = torch.as_tensor(values, dtype=like.dtype, device=like.device)
+    return values.reshape(-1, *([1] * (like.ndim - 1)))
+
+
 def noise_source(source: torch.Tensor, noise: torch.Tensor, sigma, parametrization: str = "vp") -> torch.Tensor:
     """The source at noise level ``sigma`` along the fixed noise ``noise``.
 
@@ -34,8 +40,7 @@ def noise_source(source: torch.Tensor, noise: torch.Tensor, sigma, parametrizati
     ``model_sampling.noise_scaling`` without its max-denoise rescaling.
     """
     check_parametrization(parametrization)
-    sigma = torch.as_tensor(sigma, dtype=source.dtype, device=source.device)
-    sigma = sigma.reshape(-1, *([1] * (source.ndim - 1)))
+    sigma = per_item(sigma, source)
     if parametrization == "flow":
         return (1 - sigma) * source + sigma * noise
     return source + sigma * noise
