@@ -75,15 +75,23 @@ def wider_model(host):
                                             offload_device=comfy.model_management.unet_offload_device())
 
 
-def test_training_lowers_the_noise_fitting_loss_and_saves_a_loadable_file(host):
-    import folder_paths
-    core = host.pack_module("ngdm_core.rectifier")
+@pytest.fixture(scope="module")
+def trained(host):
+    """One training run (30 steps) shared by the tests that need a trained rectifier: the model
+    (weights made under inference mode, as a checkpoint loader leaves them), its weights before
+    training, the sources and the rectifier."""
     with torch.inference_mode():
-        # Weights made under inference mode, as a checkpoint loader leaves them.
         model = host.tiny_model("eps")
         before = {name: value.clone() for name, value in model.model.state_dict().items()}
         samples = smooth_latents(4)
-        rectifier = train(host, model, samples)
+        return model, before, samples, train(host, model, samples)
+
+
+def test_training_lowers_the_noise_fitting_loss_and_saves_a_loadable_file(host, trained):
+    import folder_paths
+    core = host.pack_module("ngdm_core.rectifier")
+    model, before, samples, rectifier = trained
+    with torch.inference_mode():
         x0 = model.model.process_latent_in(samples).repeat(2, 1, 1, 1)
         unet, alpha_bar = host.pack_module("nodes.rectifier").trainable_unet(model, x0, host.tiny_conditioning(""))
     for name, value in model.model.state_dict().items():
@@ -105,11 +113,9 @@ def test_training_lowers_the_noise_fitting_loss_and_saves_a_loadable_file(host):
         assert torch.equal(value, loaded_value), name
 
 
-def test_trained_rectifier_lowers_the_sdedit_reconstruction_error(host):
+def test_trained_rectifier_lowers_the_sdedit_reconstruction_error(host, trained):
+    model, _, sources, rectifier = trained
     with torch.inference_mode():
-        model = host.tiny_model("eps")
-        sources = smooth_latents(4)
-        rectifier = train(host, model, sources)
         source = sources[:1]
         plain = sdedit_error(host, model, source)
         rectified = sdedit_error(host, apply(model, rectifier, source), source)
@@ -128,10 +134,13 @@ def test_an_untrained_rectifier_leaves_the_prediction_unchanged(host):
                                                                         model.model.process_latent_in(source))
         t, context = torch.tensor([500.0, 500.0]), host.tiny_conditioning("prompt")[0][0].repeat(2, 1, 1)
         plain = unet(x, t, context)
+        # One sample makes the grouped conv the plain one, so nothing is left to round differently.
+        assert torch.equal(rectify(unet._forward, x[:1], t[:1], context[:1], None, None, {}),
+                           unet(x[:1], t[:1], context[:1]))
         difference = (rectify(unet._forward, x, t, context, None, None, {}) - plain).abs().max().item()
         print(f"U-Net output: largest difference {difference:.2e}, largest |eps| {plain.abs().max().item():.2f}")
-        # The offsets are exactly zero, so the weights are the model's own; what differs is float32
-        # summation order: the grouped conv over the batch against the plain one, through 27 convs.
+        # The offsets are exactly zero, so the weights are the model's own; what differs for a batch
+        # is float32 summation order: the grouped conv against the plain one, through 27 convs.
         # Measured 1.25e-06 at an output scale of 1.7 (about 10 ulps there); the pure tests hold
         # 1e-6 on a smaller net. Any real offset moves the output by more than 1e-3 (test below).
         assert difference <= 2e-6
