@@ -46,11 +46,11 @@ def apply(model, rectifier, source):
     return node("RectifierApply", model=model, rectifier=rectifier, latent={"samples": source})[0]
 
 
-def eps_prediction(host, model, x, cfg=1.0):
+def eps_prediction(host, model, x, cfg=1.0, positive=None):
     """The model's guided noise prediction at ``x`` (processed latent space) and sigma 1, through ComfyUI's guider."""
     denoise = host.pack_module("nodes.host").guided_denoiser(model, host.tiny_conditioning("negative"), cfg, 0)
     sigma = torch.full((x.shape[0],), SIGMA)
-    return (x - denoise(x, sigma, host.tiny_conditioning("prompt"))) / SIGMA
+    return (x - denoise(x, sigma, positive or host.tiny_conditioning("prompt"))) / SIGMA
 
 
 def sdedit_error(host, model, source, seed=0):
@@ -151,6 +151,22 @@ def test_an_untrained_rectifier_leaves_the_prediction_unchanged(host):
             difference = (eps_prediction(host, patched, x, cfg) - plain).abs().max().item()
             print(f"guided, cfg {cfg}: largest difference {difference:.2e}, largest |eps| {plain.abs().max().item():.2f}")
             assert difference <= 1e-5
+
+
+def test_both_passes_get_the_controlnets_residuals(host):
+    import nodes
+    with torch.inference_mode():
+        model = host.tiny_model("eps")
+        hint = torch.rand(1, 8 * SIZE, 8 * SIZE, 3, generator=torch.Generator().manual_seed(2))
+        controlled, _ = nodes.ControlNetApplyAdvanced().apply_controlnet(
+            host.tiny_conditioning("prompt"), host.tiny_conditioning("negative"), host.tiny_controlnet(), hint, 1.0,
+            0.0, 1.0)
+        x = torch.randn(1, 4, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+        plain = eps_prediction(host, model, x, positive=controlled)
+        assert (plain - eps_prediction(host, model, x)).abs().max().item() > 1e-2
+        # The U-Net pops each residual as it adds it; a pass that found them gone would lose the ControlNet.
+        patched = apply(model, untrained(host, model), smooth_latents(1))
+        assert torch.equal(eps_prediction(host, patched, x, positive=controlled), plain)
 
 
 def test_apply_returns_a_new_model_and_leaves_the_input_model_alone(host):
