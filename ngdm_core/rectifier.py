@@ -41,7 +41,12 @@ def noised(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alpha_bar: to
 
 def predicted_x0(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
     """DDIM's estimate ``P_t = (x_t - sqrt(1 - ab) eps) / sqrt(ab)``."""
-    ab = per_item(alpha_bar[t], x_t)
+    return predicted_x0_at(x_t, eps, alpha_bar[t])
+
+
+def predicted_x0_at(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t: torch.Tensor) -> torch.Tensor:
+    """:func:`predicted_x0` with ``alpha_bar`` given per item, for samplers whose times fall between the table's."""
+    ab = per_item(alpha_bar_t, x_t)
     return (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
 
 
@@ -72,8 +77,10 @@ class SeparableConvModulation:
         if in_factor.shape[0] != batch or out_factor.shape[0] != batch:
             raise ValueError(f"{self.name} got a batch of {batch} but offsets for a batch of {in_factor.shape[0]}")
         offset = separable_offset(in_factor, out_factor).to(conv.weight.dtype)
-        weight = (conv.weight * (1 + offset)).flatten(0, 1)
-        bias = None if conv.bias is None else conv.bias.repeat(batch)
+        # Hosts may store weights in another dtype or device than they compute in (manual casting,
+        # offloading); the replaced forward must cast as the original one would have.
+        weight = (conv.weight * (1 + offset)).flatten(0, 1).to(x)
+        bias = None if conv.bias is None else conv.bias.repeat(batch).to(x)
         padding = conv.padding
         if conv.padding_mode != "zeros":
             x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
@@ -94,6 +101,13 @@ def _target_convs(model: nn.Module, targets: Iterable[str]) -> dict[str, nn.Conv
             raise ValueError(f"target {name!r} must be an nn.Conv2d, got {type(modules[name]).__name__}")
         convs[name] = modules[name]
     return convs
+
+
+def conv_targets(model: nn.Module, prefixes: Iterable[str]) -> list[str]:
+    """Names of ``model``'s ``nn.Conv2d`` layers inside the modules named by ``prefixes``, sorted."""
+    prefixes = tuple(prefixes)
+    return sorted(name for name, module in model.named_modules() if isinstance(module, nn.Conv2d)
+                  and any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes))
 
 
 def shape_signature(model: nn.Module, targets: Iterable[str]) -> dict[str, list[int]]:
@@ -285,7 +299,8 @@ def train_rectifier(model: nn.Module, rectifier: Rectifier, data, steps: int, lr
 
     ``data`` is a tensor of source images ``(N, C, H, W)``, sampled with replacement, or an
     iterable of batches (training stops early if it runs out). Timesteps, noise and batches
-    come from ``seed``. Only the rectifier learns. Works when called under
+    come from ``seed``. ``progress(done, total, loss)`` is called after every step, so a host
+    can show the loss and stop the run by raising. Only the rectifier learns. Works when called under
     ``torch.inference_mode()``: the run leaves it, and inference-mode inputs are only read
     into new tensors, never saved for backward themselves.
     """
@@ -309,7 +324,7 @@ def train_rectifier(model: nn.Module, rectifier: Rectifier, data, steps: int, lr
             optimizer.step()
             history.append(loss.item())
             if progress is not None:
-                progress(step + 1, steps)
+                progress(step + 1, steps, history[-1])
     return history
 
 
@@ -340,13 +355,28 @@ def _read_metadata(path: str) -> dict[str, str]:
     return metadata
 
 
+def require_fits(rectifier: Rectifier, model: nn.Module) -> None:
+    """Refuse a ``model`` whose targeted convs are missing or shaped differently from the rectifier's."""
+    this_model = shape_signature(model, rectifier.targets)
+    differing = [name for name in rectifier.targets if this_model[name] != rectifier.shapes[name]]
+    if differing:
+        # A real U-Net has dozens of targets; the first few differences say enough.
+        shown = differing[:3]
+        raise ValueError(f"rectifier was trained for conv shapes {({name: rectifier.shapes[name] for name in shown})} "
+                         f"but this model has {({name: this_model[name] for name in shown})} "
+                         f"({len(differing)} of {len(rectifier.targets)} targeted layers differ)")
+
+
+def read_rectifier(path: str) -> Rectifier:
+    """Rebuild a saved rectifier; check it against a model with :func:`require_fits` before use."""
+    metadata = _read_metadata(path)
+    rectifier = Rectifier(json.loads(metadata["shape_signature"]), **json.loads(metadata["config"]))
+    rectifier.load_state_dict(load_file(path))
+    return rectifier
+
+
 def load_rectifier(path: str, model: nn.Module) -> Rectifier:
     """Rebuild a saved rectifier, refusing a ``model`` whose targeted conv shapes differ."""
-    metadata = _read_metadata(path)
-    trained_for = json.loads(metadata["shape_signature"])
-    this_model = shape_signature(model, json.loads(metadata["targets"]))
-    if this_model != trained_for:
-        raise ValueError(f"rectifier was trained for conv shapes {trained_for} but this model has {this_model}")
-    rectifier = Rectifier(trained_for, **json.loads(metadata["config"]))
-    rectifier.load_state_dict(load_file(path))
+    rectifier = read_rectifier(path)
+    require_fits(rectifier, model)
     return rectifier

@@ -2,6 +2,7 @@
 
 import comfy.model_management
 import comfy.model_sampling
+import comfy.sampler_helpers
 import comfy.samplers
 import comfy.utils
 import torch
@@ -37,6 +38,14 @@ def require_image_latent(name, model, samples):
         raise ValueError(f"{name} has {samples.shape[1]} channels but the model expects {channels}: "
                          "encode the image with this model's VAE")
     require_finite_tensor(name, samples)
+
+
+def model_conditioning(model, x, positive):
+    """The diffusion model's keyword inputs for ``positive`` at latent ``x``, as BaseModel.apply_model gets them."""
+    conds = comfy.samplers.encode_model_conds(model.model.extra_conds, comfy.sampler_helpers.convert_cond(positive)[:1],
+                                              x, x.device, "positive")
+    return {name: cond.process_cond(batch_size=x.shape[0], device=x.device).cond
+            for name, cond in conds[0]["model_conds"].items()}
 
 
 def to_image_resolution(maps, model):

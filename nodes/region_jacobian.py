@@ -5,15 +5,14 @@ from dataclasses import dataclass
 
 import comfy.ldm.modules.diffusionmodules.openaimodel
 import comfy.model_management
-import comfy.sampler_helpers
-import comfy.samplers
 import torch
 from comfy_api.latest import io
 
 from ..ngdm_core.edge_preserving import resize_to_latent
 from ..ngdm_core.region_jacobian import region_directions
 from ..ngdm_core.schedule import noise_source
-from .host import CATEGORY, parametrization, progress_reporter, require_image_latent, to_image_resolution
+from .host import (CATEGORY, model_conditioning, parametrization, progress_reporter, require_image_latent,
+                   to_image_resolution)
 
 BOTTLENECK = ("output", 0)
 RegionDirectionsType = io.Custom("REGION_DIRECTIONS")
@@ -40,10 +39,7 @@ def require_unet(model):
 
 def model_inputs(model, x, sigma, positive):
     """The U-Net's arguments for ``x`` at ``sigma`` under ``positive``, as BaseModel.apply_model builds them."""
-    conds = comfy.samplers.encode_model_conds(model.model.extra_conds, comfy.sampler_helpers.convert_cond(positive)[:1],
-                                              x, x.device, "positive")
-    extra = {name: cond.process_cond(batch_size=x.shape[0], device=x.device).cond
-             for name, cond in conds[0]["model_conds"].items()}
+    extra = model_conditioning(model, x, positive)
     model_sampling = model.get_model_object("model_sampling")
     sigma_batch = torch.full((x.shape[0],), sigma, device=x.device)
     inputs = model_sampling.calculate_input(sigma_batch, x)

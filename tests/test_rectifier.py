@@ -3,9 +3,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ngdm_core.rectifier import (Rectifier, SeparableConvModulation, ddpm_alpha_bar, edit_training_loss,
-                                 load_rectifier, noise_fitting_loss, noised, predicted_x0, rectified, rectified_eps,
-                                 save_rectifier, separable_offset, timestep_embedding, train_rectifier)
+from ngdm_core.rectifier import (Rectifier, SeparableConvModulation, conv_targets, ddpm_alpha_bar, edit_training_loss,
+                                 load_rectifier, noise_fitting_loss, noised, predicted_x0, predicted_x0_at,
+                                 read_rectifier, rectified, rectified_eps, require_fits, save_rectifier,
+                                 separable_offset, timestep_embedding, train_rectifier)
 
 CHANNELS = 3
 SIZE = 16
@@ -117,6 +118,16 @@ def test_grouped_modulated_conv_matches_a_per_sample_loop(stride, groups, paddin
         torch.testing.assert_close(output[b:b + 1], expected, rtol=0, atol=1e-5)
 
 
+def test_modulated_conv_computes_in_the_inputs_dtype_like_a_manually_cast_layer():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1).double()
+    x, in_factor, out_factor = torch.randn(2, 4, 5, 5), torch.randn(2, 1, 4, 3, 3), torch.randn(2, 6, 1, 3, 3)
+    output = SeparableConvModulation(conv)(x, in_factor, out_factor)
+    assert output.dtype == torch.float32
+    torch.testing.assert_close(output, SeparableConvModulation(conv)(x.double(), in_factor, out_factor).float(),
+                               rtol=0, atol=1e-5)
+
+
 def test_separable_offset_is_an_outer_product_per_kernel_position():
     in_factor, out_factor = torch.randn(2, 1, 4, 3, 3), torch.randn(2, 5, 1, 3, 3)
     offset = separable_offset(in_factor, out_factor)
@@ -135,6 +146,20 @@ def test_non_conv_targets_are_refused():
         Rectifier.for_model(make_model(), ["time"], CHANNELS)
     with pytest.raises(ValueError, match="not a module"):
         Rectifier.for_model(make_model(), ["nope"], CHANNELS)
+
+
+def test_conv_targets_are_the_convs_inside_the_named_blocks():
+    model = nn.Sequential()
+    model.add_module("down", nn.Conv2d(1, 1, 3))
+    model.add_module("middle", nn.Sequential(nn.Conv2d(1, 1, 3), nn.SiLU(), nn.Conv2d(1, 1, 1)))
+    model.add_module("middle_extra", nn.Conv2d(1, 1, 3))
+    model.add_module("up", nn.Conv2d(1, 1, 3))
+    assert conv_targets(model, ["up", "middle"]) == ["middle.0", "middle.2", "up"]
+
+
+def test_the_estimate_at_a_given_alpha_bar_matches_the_table_lookup():
+    x_t, eps, t = torch.randn(3, CHANNELS, 4, 4), torch.randn(3, CHANNELS, 4, 4), torch.tensor([0, 400, 999])
+    assert torch.equal(predicted_x0_at(x_t, eps, ALPHA_BAR[t]), predicted_x0(x_t, eps, t, ALPHA_BAR))
 
 
 def test_separable_offsets_generate_far_fewer_values():
@@ -235,14 +260,14 @@ def test_training_works_under_inference_mode():
     with torch.inference_mode():
         data, alpha_bar = blob_images(8, seed=3), ddpm_alpha_bar()
         history = train_rectifier(model, rectifier, data, steps=5, batch_size=4, alpha_bar=alpha_bar, seed=0,
-                                  progress=lambda step, total: reported.append((step, total)))
+                                  progress=lambda step, total, loss: reported.append((step, total, loss)))
         batches = train_rectifier(model, rectifier, [data[:4], data[4:]], steps=5, alpha_bar=alpha_bar)
         x0, t, noise = held_out()
         output = rectified_eps(model, rectifier, noised(x0, noise, t, ALPHA_BAR), t, x0, ALPHA_BAR)
     assert len(history) == 5 and all(torch.isfinite(torch.tensor(history)))
     assert len(batches) == 2  # an iterable of batches ends the run when it runs out
     assert torch.isfinite(output).all() and not output.requires_grad
-    assert reported == [(step, 5) for step in range(1, 6)]
+    assert reported == [(step, 5, loss) for step, loss in zip(range(1, 6), history)]
 
 
 def test_a_rectifier_built_under_inference_mode_is_refused_for_training():
@@ -291,3 +316,13 @@ def test_loading_for_a_model_with_other_conv_shapes_is_refused(trained, tmp_path
     save_rectifier(rectifier, str(tmp_path / "rectifier.safetensors"))
     with pytest.raises(ValueError, match=r"rectifier was trained for .* but this model has .*'mid': \[16, 16, 5, 5\]"):
         load_rectifier(str(tmp_path / "rectifier.safetensors"), make_model(mid_kernel=5))
+
+
+def test_a_rectifier_read_without_a_model_is_checked_before_use(trained, tmp_path):
+    model, rectifier, _, _ = trained
+    save_rectifier(rectifier, str(tmp_path / "rectifier.safetensors"))
+    loaded = read_rectifier(str(tmp_path / "rectifier.safetensors"))
+    require_fits(loaded, model)
+    with pytest.raises(ValueError, match=r"\{'mid': \[16, 16, 3, 3\]\} but this model has \{'mid': \[16, 16, 5, 5\]\} "
+                                         r"\(1 of 3 targeted layers differ\)"):
+        require_fits(loaded, make_model(mid_kernel=5))

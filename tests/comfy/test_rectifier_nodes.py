@@ -1,0 +1,292 @@
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+SIZE = 8
+SIGMA = 1.0
+
+
+def node(node_id, **inputs):
+    import nodes
+    return nodes.NODE_CLASS_MAPPINGS[node_id].execute(**inputs).result
+
+
+def smooth_latents(count, seed=0):
+    """Sources with structure a rectifier can learn from, as VAE latents look: smooth, std about 1."""
+    coarse = torch.randn(count, 4, 3, 3, generator=torch.Generator().manual_seed(seed))
+    return F.interpolate(coarse, size=SIZE, mode="bilinear") * 2
+
+
+def train(host, model, samples, **overrides):
+    inputs = dict(model=model, latent={"samples": samples}, positive=host.tiny_conditioning(""), steps=30,
+                  learning_rate=3e-3, seed=0, filename_prefix="test/rectifier", batch_size=4)
+    return node("RectifierTrain", **{**inputs, **overrides})[0]
+
+
+def untrained(host, model):
+    """A rectifier straight from initialisation: its offsets are exactly zero."""
+    core = host.pack_module("ngdm_core.rectifier")
+    targets = core.conv_targets(model.model, host.pack_module("nodes.rectifier").TARGET_BLOCKS)
+    return core.Rectifier.for_model(model.model, targets, 4)
+
+
+def perturbed(host, model, scale=0.05):
+    """An untrained rectifier whose zero heads are made nonzero, so its offsets change the model."""
+    rectifier = untrained(host, model)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for subnet in rectifier.subnets:
+            subnet.out_head.weight.copy_(torch.randn(subnet.out_head.weight.shape, generator=generator) * scale)
+    return rectifier
+
+
+def apply(model, rectifier, source):
+    return node("RectifierApply", model=model, rectifier=rectifier, latent={"samples": source})[0]
+
+
+def eps_prediction(host, model, x, cfg=1.0, positive=None):
+    """The model's guided noise prediction at ``x`` (processed latent space) and sigma 1, through ComfyUI's guider."""
+    denoise = host.pack_module("nodes.host").guided_denoiser(model, host.tiny_conditioning("negative"), cfg, 0)
+    sigma = torch.full((x.shape[0],), SIGMA)
+    return (x - denoise(x, sigma, positive or host.tiny_conditioning("prompt"))) / SIGMA
+
+
+def sdedit_error(host, model, source, seed=0):
+    """Mean squared distance from the source after noising it halfway and denoising (KSampler, denoise 0.5)."""
+    import comfy.sample
+    noise = torch.randn(source.shape, generator=torch.Generator().manual_seed(seed))
+    output = comfy.sample.sample(model, noise, 10, 1.0, "euler", "normal", host.tiny_conditioning(""),
+                                 host.tiny_conditioning("negative"), source, denoise=0.5, disable_pbar=True, seed=seed)
+    return ((output - source) ** 2).mean().item()
+
+
+def wider_model(host):
+    """The tiny SD1.5-shaped U-Net with twice the channels: a model a rectifier for the tiny one must not fit."""
+    import comfy.model_base
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+    config = comfy.supported_models.SD15({**host.TINY_UNET_CONFIG, "model_channels": 64, "dtype": torch.float32})
+    base = comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType.EPS)
+    host.init_weights(base.diffusion_model, 0)
+    return comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
+@pytest.fixture(scope="module")
+def trained(host):
+    """One training run (30 steps) shared by the tests that need a trained rectifier: the model
+    (weights made under inference mode, as a checkpoint loader leaves them), its weights before
+    training, the sources and the rectifier."""
+    with torch.inference_mode():
+        model = host.tiny_model("eps")
+        before = {name: value.clone() for name, value in model.model.state_dict().items()}
+        samples = smooth_latents(4)
+        return model, before, samples, train(host, model, samples)
+
+
+def test_training_lowers_the_noise_fitting_loss_and_saves_a_loadable_file(host, trained):
+    import folder_paths
+    core = host.pack_module("ngdm_core.rectifier")
+    model, before, samples, rectifier = trained
+    with torch.inference_mode():
+        x0 = model.model.process_latent_in(samples).repeat(2, 1, 1, 1)
+        unet, alpha_bar = host.pack_module("nodes.rectifier").trainable_unet(model, x0, host.tiny_conditioning(""))
+    for name, value in model.model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    t = torch.linspace(100, 900, 8).long()
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        plain = core.noise_fitting_loss(unet, untrained(host, model), x0, t, noise, alpha_bar).item()
+        rectified = core.noise_fitting_loss(unet, rectifier, x0, t, noise, alpha_bar).item()
+    print(f"held-out-noise loss: plain {plain:.4f}, rectified {rectified:.4f}")
+    # Measured 1.180 -> 0.520 and 0.528 (ratios 0.44, 0.45) for seeds 0 and 1 after 30 steps at
+    # 3e-3; 0.7 fails a rectifier that learned little while leaving room for rounding.
+    assert rectified < 0.7 * plain
+
+    names = [name for name in folder_paths.get_filename_list("rectifiers") if name.startswith("test")]
+    assert names and all(name.endswith(".safetensors") for name in names)
+    (loaded,) = node("RectifierLoader", rectifier_name=sorted(names)[-1])
+    for (name, value), (_, loaded_value) in zip(rectifier.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(value, loaded_value), name
+
+
+def test_trained_rectifier_lowers_the_sdedit_reconstruction_error(host, trained):
+    model, _, sources, rectifier = trained
+    with torch.inference_mode():
+        source = sources[:1]
+        plain = sdedit_error(host, model, source)
+        rectified = sdedit_error(host, apply(model, rectifier, source), source)
+    print(f"SDEdit reconstruction MSE: plain {plain:.4f}, rectified {rectified:.4f}")
+    assert rectified < 0.7 * plain
+
+
+def test_an_untrained_rectifier_leaves_the_prediction_unchanged(host):
+    with torch.inference_mode():
+        model = host.tiny_model("eps")
+        rectifier, source = untrained(host, model), smooth_latents(1)
+        x = torch.randn(2, 4, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+        # The U-Net's own output, through the wrapper RectifierApply installs.
+        unet = model.model.diffusion_model
+        rectify = host.pack_module("nodes.rectifier").rectifier_wrapper(model.model, rectifier,
+                                                                        model.model.process_latent_in(source))
+        t, context = torch.tensor([500.0, 500.0]), host.tiny_conditioning("prompt")[0][0].repeat(2, 1, 1)
+        plain = unet(x, t, context)
+        # One sample makes the grouped conv the plain one, so nothing is left to round differently.
+        assert torch.equal(rectify(unet._forward, x[:1], t[:1], context[:1], None, None, {}),
+                           unet(x[:1], t[:1], context[:1]))
+        difference = (rectify(unet._forward, x, t, context, None, None, {}) - plain).abs().max().item()
+        print(f"U-Net output: largest difference {difference:.2e}, largest |eps| {plain.abs().max().item():.2f}")
+        # The offsets are exactly zero, so the weights are the model's own; what differs for a batch
+        # is float32 summation order: the grouped conv against the plain one, through 27 convs.
+        # Measured 1.25e-06 at an output scale of 1.7 (about 10 ulps there); the pure tests hold
+        # 1e-6 on a smaller net. Any real offset moves the output by more than 1e-3 (test below).
+        assert difference <= 2e-6
+        # Through ComfyUI's guider, CFG and the conversions to and from x0 add their own rounding.
+        patched = apply(model, rectifier, source)
+        for cfg in (1.0, 3.0):  # one U-Net batch of 2, and cond with uncond in a batch of 4
+            plain = eps_prediction(host, model, x, cfg)
+            difference = (eps_prediction(host, patched, x, cfg) - plain).abs().max().item()
+            print(f"guided, cfg {cfg}: largest difference {difference:.2e}, largest |eps| {plain.abs().max().item():.2f}")
+            assert difference <= 1e-5
+
+
+def test_both_passes_get_the_controlnets_residuals(host):
+    import nodes
+    with torch.inference_mode():
+        model = host.tiny_model("eps")
+        hint = torch.rand(1, 8 * SIZE, 8 * SIZE, 3, generator=torch.Generator().manual_seed(2))
+        controlled, _ = nodes.ControlNetApplyAdvanced().apply_controlnet(
+            host.tiny_conditioning("prompt"), host.tiny_conditioning("negative"), host.tiny_controlnet(), hint, 1.0,
+            0.0, 1.0)
+        x = torch.randn(1, 4, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+        plain = eps_prediction(host, model, x, positive=controlled)
+        assert (plain - eps_prediction(host, model, x)).abs().max().item() > 1e-2
+        # The U-Net pops each residual as it adds it; a pass that found them gone would lose the ControlNet.
+        patched = apply(model, untrained(host, model), smooth_latents(1))
+        assert torch.equal(eps_prediction(host, patched, x, positive=controlled), plain)
+
+
+def test_apply_returns_a_new_model_and_leaves_the_input_model_alone(host):
+    import comfy.patcher_extension
+    with torch.inference_mode():
+        model = host.tiny_model("eps")
+        x = torch.randn(1, 4, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+        before = eps_prediction(host, model, x)
+        wrappers = {kind: {key: list(values) for key, values in by_key.items()} for kind, by_key in model.wrappers.items()}
+        patched = apply(model, perturbed(host, model), smooth_latents(1))
+        assert patched is not model
+        assert (eps_prediction(host, patched, x) - before).abs().max().item() > 1e-3
+        assert torch.equal(eps_prediction(host, model, x), before)
+    assert {kind: {key: list(values) for key, values in by_key.items()} for kind, by_key in model.wrappers.items()} == wrappers
+    assert comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL not in model.wrappers
+    for module in model.model.modules():
+        assert "forward" not in vars(module)
+
+
+def test_sources_broadcast_or_match_the_sampled_batch(host):
+    with torch.inference_mode():
+        model = host.tiny_model("eps")
+        rectifier = perturbed(host, model)
+        x = torch.randn(2, 4, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+        sources = smooth_latents(2)
+        per_latent = eps_prediction(host, apply(model, rectifier, sources), x, cfg=3.0)
+        for index in range(2):
+            alone = eps_prediction(host, apply(model, rectifier, sources[index:index + 1]), x[index:index + 1], cfg=3.0)
+            torch.testing.assert_close(per_latent[index:index + 1], alone, rtol=0, atol=1e-5)
+        with pytest.raises(ValueError, match="latent: a batch of 3 sources, but the sampled batch is 2"):
+            eps_prediction(host, apply(model, rectifier, smooth_latents(3)), x, cfg=3.0)
+        with pytest.raises(ValueError, match=r"latent: the source is \(4, 4\) latent pixels but the model is sampling"):
+            eps_prediction(host, apply(model, rectifier, torch.zeros(1, 4, 4, 4)), x)
+
+
+def test_a_rectifier_for_another_model_shape_is_refused(host):
+    with torch.inference_mode():
+        rectifier = untrained(host, host.tiny_model("eps"))
+        with pytest.raises(ValueError, match=r"rectifier was trained for conv shapes .* but this model has .*"
+                                             r"\(\d+ of \d+ targeted layers differ\)"):
+            apply(wider_model(host), rectifier, smooth_latents(1))
+
+
+@pytest.mark.parametrize("kind", ["flow", "v_prediction"])
+def test_models_that_do_not_predict_noise_are_refused(host, kind):
+    model = host.tiny_model(kind)
+    rectifier = untrained(host, host.tiny_model("eps"))
+    message = "model: the rectifier supports U-Net models that predict noise .* This model is UNetModel with"
+    with pytest.raises(ValueError, match=message):
+        train(host, model, smooth_latents(2), steps=1)
+    with pytest.raises(ValueError, match=message):
+        apply(model, rectifier, smooth_latents(1))
+
+
+def test_bad_latents_are_refused_with_the_inputs_name(host):
+    model = host.tiny_model("eps")
+    rectifier = untrained(host, model)
+    nan = smooth_latents(2)
+    nan[0, 0, 0, 0] = float("nan")
+    for samples, message in ((torch.zeros(0, 4, SIZE, SIZE), "latent: the latent batch is empty"),
+                             (nan, "latent contains NaN or inf"),
+                             (torch.zeros(2, 16, SIZE, SIZE), "latent has 16 channels but the model expects 4")):
+        with pytest.raises(ValueError, match=message):
+            train(host, model, samples, steps=1)
+        with pytest.raises(ValueError, match=message):
+            apply(model, rectifier, samples)
+
+
+def test_training_reports_progress_and_the_loss_and_honours_cancel(host, monkeypatch):
+    import server
+    model = host.tiny_model("eps")
+    updates = host.progress_updates_and_cancel(lambda: train(host, model, smooth_latents(2), steps=3, batch_size=2))
+    assert updates[-1] == (3, 3) and len(updates) >= 3
+    texts = []
+
+    class Server:
+        def send_progress_text(self, text, node_id):
+            texts.append((node_id, text))
+
+    monkeypatch.setattr(server.PromptServer, "instance", Server(), raising=False)
+    report = host.pack_module("nodes.rectifier").loss_reporter(40, "7")
+    for step in range(1, 41):
+        report(step, 40, 1.0 / step)
+    assert texts[0] == ("7", "step 2/40: loss 0.5000") and texts[-1] == ("7", "step 40/40: loss 0.0250")
+    assert len(texts) == 20
+
+
+def test_a_cancelled_training_saves_nothing(host):
+    import comfy.model_management
+    import folder_paths
+    folder = folder_paths.get_folder_paths("rectifiers")[0]
+    model = host.tiny_model("eps")
+    comfy.model_management.interrupt_current_processing(True)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            train(host, model, smooth_latents(2), steps=3, filename_prefix="cancelled")
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    assert not os.path.isdir(folder) or not [name for name in os.listdir(folder) if name.startswith("cancelled")]
+
+
+def without_output(prompt, filename_prefix):
+    """The prompt without the SaveImage node of that name: the branch feeding only it is not run."""
+    return {key: value for key, value in prompt.items()
+            if value["inputs"].get("filename_prefix") != filename_prefix or value["class_type"] != "SaveImage"}
+
+
+def test_the_example_workflow_trains_applies_and_samples_under_the_executor(host):
+    host.TINY_MODEL_KIND["kind"] = "eps"
+    prompt = host.load_workflow("rectifier_reconstruct_edit", 6)
+    sdedit = host.run_prompt(without_output(prompt, "rectifier_edit_friendly_edit"))
+    assert sdedit["source"].shape[0] == 3
+    assert sdedit["output"]["samples"].shape == (1, 4, host.LATENT_SIZE, host.LATENT_SIZE)
+    assert torch.isfinite(sdedit["output"]["samples"]).all()
+    edit = host.run_prompt(without_output(prompt, "rectifier_sdedit"))
+    source = edit["source"][:1]
+    assert (edit["output"]["samples"] - source).abs().mean().item() > 1e-2
+    # With the source prompt and cfg as the target, the rectified model's replay retraces its own
+    # inversion: edit-friendly inversion is exact for any deterministic model, the rectified one too.
+    guider, invert = host.node_of(prompt, "CFGGuider"), host.node_of(prompt, "EditFriendlyInvert")
+    guider["inputs"].update(positive=invert["inputs"]["positive"], cfg=invert["inputs"]["source_cfg"])
+    reconstruction = host.run_prompt(without_output(prompt, "rectifier_sdedit"))
+    assert (reconstruction["output"]["samples"] - source).abs().max().item() <= 1e-4
