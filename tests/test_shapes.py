@@ -1,0 +1,108 @@
+"""The shapes data set, the shipped shapes model and classifier, the edit metrics and the demo command."""
+
+import json
+
+import pytest
+import torch
+
+from ngdm_core import demo
+from ngdm_core.shapes import CLASSES, HELD_OUT_SEED, TRAINING_SEED, make_batch
+from ngdm_core.shapes_edits import dilated, iou, psnr, ssim
+from ngdm_core.shapes_model import load_classifier, load_denoiser
+
+
+def test_the_data_set_is_deterministic_per_seed_and_per_item():
+    first, again = make_batch(7, 6), make_batch(7, 6)
+    assert torch.equal(first.images, again.images) and torch.equal(first.masks, again.masks)
+    assert torch.equal(first.labels, again.labels)
+    # An item is the same whichever batch renders it.
+    assert torch.equal(make_batch(7, 2, start=3).images, first.images[3:5])
+    assert not torch.equal(make_batch(8, 6).images, first.images)
+
+
+def test_every_mask_is_exactly_where_its_object_is_drawn():
+    batch = make_batch(TRAINING_SEED, 64)
+    inside = batch.masks.bool().expand_as(batch.images)
+    colour = batch.colours[:, :, None, None].expand_as(batch.images)
+    assert torch.equal(batch.images[inside], colour[inside])
+    assert torch.equal(batch.images[~inside], batch.backgrounds[~inside])
+    # And the object is there: a mask covers several percent of the image, and is visible against its background.
+    assert batch.masks.mean((1, 2, 3)).min() > 0.03
+    visible = ((batch.images - batch.backgrounds).abs().amax(1, keepdim=True) > 0.1) & batch.masks.bool()
+    assert (visible.sum((1, 2, 3)) / batch.masks.sum((1, 2, 3))).min() > 0.8
+
+
+def test_all_classes_occur_and_a_class_override_keeps_the_scene():
+    batch = make_batch(TRAINING_SEED, 60)
+    assert set(batch.labels.tolist()) == set(range(len(CLASSES)))
+    other = (batch.labels + 1) % len(CLASSES)
+    edited = make_batch(TRAINING_SEED, 60, shapes=other)
+    assert torch.equal(edited.labels, other)
+    assert torch.equal(edited.backgrounds, batch.backgrounds) and torch.equal(edited.colours, batch.colours)
+    assert (edited.masks != batch.masks).any((1, 2, 3)).all()
+
+
+@pytest.fixture(scope="module")
+def held_out():
+    return make_batch(HELD_OUT_SEED, 128)
+
+
+def test_shipped_denoiser_beats_the_mean_predictor(held_out):
+    # At a moderate noise level (sigma 1.24, against pixel values in [-1, 1]) the x0 prediction
+    # must be far better than predicting the data mean. The shipped model's error is 0.16 of the
+    # mean predictor's; a freshly initialised one's is 10.
+    denoiser = load_denoiser()
+    sigma = denoiser.sigma_at(0.3)
+    noise = torch.randn(held_out.images.shape, generator=torch.Generator().manual_seed(0))
+    prediction = denoiser(held_out.images + sigma * noise, sigma, held_out.labels)
+    model_error = ((prediction - held_out.images) ** 2).mean()
+    mean_error = ((make_batch(TRAINING_SEED, 512).images.mean(0) - held_out.images) ** 2).mean()
+    assert model_error < 0.3 * mean_error
+
+
+def test_shipped_denoiser_is_exact_at_sigma_zero_and_maps_schedule_sigmas_to_their_timesteps(held_out):
+    denoiser = load_denoiser()
+    assert torch.equal(denoiser(held_out.images[:4], 0.0, 0), held_out.images[:4])
+    steps = torch.tensor([0, 1, 250, 999])
+    assert torch.allclose(denoiser.timestep(denoiser.schedule_sigmas[steps]), steps.float(), atol=1e-4)
+
+
+def test_shipped_classifier_names_held_out_shapes(held_out):
+    accuracy = (load_classifier()(held_out.images).argmax(1) == held_out.labels).float().mean()
+    assert accuracy >= 0.97
+
+
+def test_metrics_agree_with_their_closed_forms():
+    images = make_batch(3, 2).images
+    everywhere = torch.ones(2, 1, 32, 32)
+    assert torch.allclose(ssim(images, images, everywhere), torch.ones(2))
+    # A uniform error of 0.2 on a peak-to-peak range of 2 is 20 log10(2 / 0.2) = 20 dB.
+    assert torch.allclose(psnr((images + 0.2).clamp(max=0.9), images.clamp(max=0.7), everywhere),
+                          torch.full((2,), 20.0), atol=1e-4)
+    square = torch.zeros(1, 1, 8, 8)
+    square[..., 2:4, 2:4] = 1
+    assert iou(square, square).item() == 1 and iou(square, square.roll(4, -1)).item() == 0
+    assert dilated(square, 1).sum() == 16
+
+
+def test_the_demo_writes_its_grid_and_metrics(tmp_path):
+    from PIL import Image
+
+    metrics = demo.main(["--steps", "6", "--num-maps", "2", "--out", str(tmp_path / "demo")])
+    with Image.open(tmp_path / "demo.png") as grid:
+        assert grid.size == (7 * 32 * demo.SCALE, 32 * demo.SCALE + demo.LABEL_HEIGHT)
+    assert json.loads((tmp_path / "demo.json").read_text()) == metrics
+    assert set(metrics["methods"]) == {"NGDM", "edit-friendly", "NGDM + edit-friendly", "SDEdit 0.7", "hard mask"}
+    for entry in metrics["methods"].values():
+        assert 0 <= entry["ssim_outside_mask"] <= 1 and entry["psnr_outside_mask"] > 0
+
+
+def test_the_demo_edits_an_image_file(tmp_path):
+    from PIL import Image
+
+    image = ((make_batch(HELD_OUT_SEED, 1, start=5).images[0] + 1) * 127.5).round().byte().permute(1, 2, 0)
+    Image.fromarray(image.numpy()).resize((64, 64)).save(tmp_path / "source.png")
+    metrics = demo.main(["--image", str(tmp_path / "source.png"), "--target", "square", "--steps", "4",
+                         "--num-maps", "1", "--out", str(tmp_path / "edit")])
+    assert metrics["target_class"] == "square" and "weight_map_iou" not in metrics
+    assert (tmp_path / "edit.png").exists()
