@@ -101,7 +101,7 @@ class ShapesDenoiser:
     maps to a fractional timestep by interpolating the schedule in log sigma, as ComfyUI's
     discrete model sampling does. ``cond`` is a class index, or one per source item (tiled when
     the batch repeats the sources, as the weight map's seeds do), or ``None`` for the
-    unconditional branch.
+    unconditional branch. Predictions are clipped to [-1, 1].
     """
 
     parametrization = "vp"
@@ -143,7 +143,9 @@ class ShapesDenoiser:
         labels = labels.repeat(x.shape[0] // labels.numel())
         scaled = x / per_item((1 + sigma**2).sqrt(), x)
         eps = self.unet(scaled, self.timestep(sigma), labels.long())
-        return x - per_item(sigma, x) * eps
+        # Clipped to the data range, as DDPM's pixel-space samplers do: at sigma ~ 157 any error
+        # in eps is magnified 157 times, and unclipped predictions drift to saturated colours.
+        return (x - per_item(sigma, x) * eps).clamp(-1, 1)
 
 
 def save_model(model: nn.Module, path, **metadata) -> None:
