@@ -7,6 +7,8 @@ from ngdm_core.rectifier import (Rectifier, SeparableConvModulation, conv_target
                                  load_rectifier, noise_fitting_loss, noised, predicted_x0, predicted_x0_at,
                                  read_rectifier, rectified, rectified_eps, require_fits, save_rectifier,
                                  separable_offset, timestep_embedding, train_rectifier)
+from ngdm_core.shapes import HELD_OUT_SEED, make_batch
+from ngdm_core.shapes_model import NULL_CLASS, UNET_FILE, ShapesUNet, load_model
 
 CHANNELS = 3
 SIZE = 16
@@ -326,3 +328,35 @@ def test_a_rectifier_read_without_a_model_is_checked_before_use(trained, tmp_pat
     with pytest.raises(ValueError, match=r"\{'mid': \[16, 16, 3, 3\]\} but this model has \{'mid': \[16, 16, 5, 5\]\} "
                                          r"\(1 of 3 targeted layers differ\)"):
         require_fits(loaded, make_model(mid_kernel=5))
+
+
+class UnconditionalShapesEps(nn.Module):
+    """The shipped shapes U-Net's unconditional branch as the rectifier's ``model(x_t, t) -> eps``."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x, t):
+        return self.unet(x, t, torch.full((x.shape[0],), NULL_CLASS))
+
+
+def test_a_rectifier_makes_the_shipped_shapes_model_more_faithful_to_its_sources():
+    model = UnconditionalShapesEps(load_model(ShapesUNet, UNET_FILE))
+    sources = make_batch(HELD_OUT_SEED, 8).images
+    torch.manual_seed(1)
+    rectifier = Rectifier.for_model(model, conv_targets(model, ("unet.middle", "unet.up")), 3, width=16,
+                                    feature_dim=32, time_dim=16)
+    t = torch.linspace(50, 950, 8).long()
+    noise = torch.randn(sources.shape, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        loss_before = noise_fitting_loss(model, rectifier, sources, t, noise, ALPHA_BAR).item()
+    error_before = ddim_reconstruction_error(model, rectifier, sources, steps=10)
+    train_rectifier(model, rectifier, sources, steps=200, lr=3e-3, alpha_bar=ALPHA_BAR, batch_size=8, seed=0)
+    with torch.no_grad():
+        loss_after = noise_fitting_loss(model, rectifier, sources, t, noise, ALPHA_BAR).item()
+    # A trained model already fits noise well (0.019 here), so the gain is smaller than on the
+    # random model. Measured on three source sets and seeds: loss ratios 0.82, 0.83, 0.77 and
+    # SDEdit MSE ratios 0.79, 0.74, 0.85 (0.061 -> 0.048 for this one).
+    assert loss_after < 0.9 * loss_before
+    assert ddim_reconstruction_error(model, rectifier, sources, steps=10) < 0.93 * error_before
