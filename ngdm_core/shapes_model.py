@@ -110,7 +110,6 @@ class ShapesDenoiser:
         self.unet = unet
         alpha_bar = ddpm_alpha_bar() if alpha_bar is None else alpha_bar
         self.schedule_sigmas = ((1 - alpha_bar) / alpha_bar).sqrt()
-        self.calls = 0
 
     @property
     def sigma_max(self) -> float:
@@ -137,7 +136,6 @@ class ShapesDenoiser:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, sigma, cond=None) -> torch.Tensor:
-        self.calls += 1
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0])
         labels = torch.as_tensor(NULL_CLASS if cond is None else cond, device=x.device).reshape(-1)
         labels = labels.repeat(x.shape[0] // labels.numel())
