@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ngdm_core.ngdm import diffedit_mask, ngdm_weights, prompt_difference
+from ngdm_core.ngdm import diffedit_mask, map_noise, ngdm_weights, prompt_difference
 from ngdm_core.shapes import CLASSES, make_batch
 from ngdm_core.shapes_edits import (EditSettings, ddim_reconstruction, dilated, edit_friendly, edit_success, guided,
                                     invert, iou, per_pixel_time, psnr, sdedit, ssim)
@@ -61,9 +61,9 @@ def main(argv=None):
         log(f"{time.time() - started:6.0f} s  {method:22s} {knob:14s} success {row['success']:.3f}  "
             f"PSNR {row['psnr']:.2f}  SSIM {row['ssim']:.4f}")
 
-    noise = torch.randn((settings.num_maps, *source.shape), generator=torch.Generator().manual_seed(settings.seed))
     difference = prompt_difference(guided(denoiser, settings), source, source_class, target_class,
-                                   denoiser.sigma_at(settings.map_strength), noise)
+                                   denoiser.sigma_at(settings.map_strength),
+                                   map_noise(source, settings.num_maps, settings.seed))
     binary = diffedit_mask(difference)
     maps = {"iou_binary": iou(binary, mask).mean().item(),
             "iou_soft": {f"a={a}, b={b}": iou(ngdm_weights(difference, a=a, b=b), mask).mean().item()

@@ -194,6 +194,12 @@ def diffedit_mask(difference: torch.Tensor, clamp_ratio: float = 3.0) -> torch.T
     return (scaled > 0.5).to(difference.dtype)
 
 
+def map_noise(source: torch.Tensor, num_maps: int, seed: int) -> torch.Tensor:
+    """The ``num_maps`` seeded noises a weight map averages over, shape ``(num_maps, *source.shape)``."""
+    noise = torch.randn((num_maps, *source.shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+    return noise.to(device=source.device, dtype=source.dtype)
+
+
 def weight_map(denoiser, source: torch.Tensor, source_cond, target_cond, sigma: float, num_maps: int = 10,
                seed: int = 0, mode: str = "ngdm", smoothing: float = 1.0, a: float = 10.0, b: float = 5.0,
                parametrization: str = "vp", max_batch: int | None = None, progress=None) -> torch.Tensor:
@@ -210,10 +216,8 @@ def weight_map(denoiser, source: torch.Tensor, source_cond, target_cond, sigma: 
     if mode == "ngdm":
         # Checked before any model call, so a bad knob fails at once.
         ngdm_weights(torch.zeros(1, 1, 1, 1), smoothing, a, b)
-    generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn((num_maps, *source.shape), generator=generator, dtype=torch.float32)
-    noise = noise.to(device=source.device, dtype=source.dtype)
-    difference = prompt_difference(denoiser, source, source_cond, target_cond, sigma, noise, parametrization,
+    difference = prompt_difference(denoiser, source, source_cond, target_cond, sigma,
+                                   map_noise(source, num_maps, seed), parametrization,
                                    max_batch, progress)
     if mode == "diffedit":
         return diffedit_mask(difference)
