@@ -110,13 +110,10 @@ class ShapesDenoiser:
         self.unet = unet
         alpha_bar = ddpm_alpha_bar() if alpha_bar is None else alpha_bar
         self.schedule_sigmas = ((1 - alpha_bar) / alpha_bar).sqrt()
-
-    @property
-    def sigma_max(self) -> float:
-        return float(self.schedule_sigmas[-1])
+        self.log_sigmas = self.schedule_sigmas.log()
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
-        log_sigmas = self.schedule_sigmas.log().to(sigma.device)
+        log_sigmas = self.log_sigmas.to(sigma.device)
         log_sigma = sigma.clamp(min=float(self.schedule_sigmas[0])).log()
         upper = torch.searchsorted(log_sigmas, log_sigma).clamp(1, len(log_sigmas) - 1)
         low, high = log_sigmas[upper - 1], log_sigmas[upper]

@@ -67,6 +67,7 @@ def train(kind: str, steps: int, batch_size: int, lr: float, seed: int, train_si
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     data = make_batch(TRAINING_SEED, train_size)
+    held_out = make_batch(HELD_OUT_SEED, 2000) if kind == "classifier" else None
     model = ShapesUNet() if kind == "unet" else ShapesClassifier()
     ema = copy.deepcopy(model).requires_grad_(False)
     alpha_bar = ddpm_alpha_bar()
@@ -95,7 +96,6 @@ def train(kind: str, steps: int, batch_size: int, lr: float, seed: int, train_si
                       "final_loss": round(sum(recent) / len(recent), 5), "seconds": round(time.time() - started),
                       "threads": torch.get_num_threads()}
             if kind == "classifier":
-                held_out = make_batch(HELD_OUT_SEED, 2000)
                 record["held_out_accuracy"] = round(accuracy(ema, held_out.images, held_out.labels), 4)
                 log(f"held-out accuracy {record['held_out_accuracy']}")
             save_model(ema, out, training=record)
