@@ -33,6 +33,8 @@ def host_start_sigmas(model_sampling, weights, sigmas, mapping):
 def require_image_latent(name, model, samples):
     if samples.is_nested or samples.ndim != 4:
         raise ValueError(f"{name}: expected an image latent of shape (batch, channels, height, width), got {tuple(samples.shape)}")
+    if samples.shape[0] == 0:
+        raise ValueError(f"{name}: the latent batch is empty")
     channels = model.model.latent_format.latent_channels
     if samples.shape[1] != channels:
         raise ValueError(f"{name} has {samples.shape[1]} channels but the model expects {channels}: "

@@ -59,12 +59,6 @@ def require_eps_unet(model):
     return model_sampling
 
 
-def require_sources(name, model, samples):
-    if samples.ndim == 4 and samples.shape[0] == 0:
-        raise ValueError(f"{name}: the latent batch is empty")
-    require_image_latent(name, model, samples)
-
-
 def compute_dtype(base_model):
     return base_model.manual_cast_dtype or base_model.get_dtype()
 
@@ -163,7 +157,7 @@ class RectifierTrain(io.ComfyNode):
                 batch_size) -> io.NodeOutput:
         require_eps_unet(model)
         samples = latent["samples"]
-        require_sources("latent", model, samples)
+        require_image_latent("latent", model, samples)
         comfy.model_management.load_models_gpu([model])
         x0 = model.model.process_latent_in(samples.to(torch.float32)).to(model.load_device)
         unet, alpha_bar = trainable_unet(model, x0, positive)
@@ -262,7 +256,7 @@ class RectifierApply(io.ComfyNode):
     def execute(cls, model, rectifier, latent) -> io.NodeOutput:
         require_eps_unet(model)
         samples = latent["samples"]
-        require_sources("latent", model, samples)
+        require_image_latent("latent", model, samples)
         require_fits(rectifier, model.model)
         source = model.model.process_latent_in(samples.to(torch.float32))
         patched = model.clone()
