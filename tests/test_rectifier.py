@@ -355,8 +355,11 @@ def test_a_rectifier_makes_the_shipped_shapes_model_more_faithful_to_its_sources
     train_rectifier(model, rectifier, sources, steps=200, lr=3e-3, alpha_bar=ALPHA_BAR, batch_size=8, seed=0)
     with torch.no_grad():
         loss_after = noise_fitting_loss(model, rectifier, sources, t, noise, ALPHA_BAR).item()
+    error_after = ddim_reconstruction_error(model, rectifier, sources, steps=10)
+    print(f"shapes model: held-out loss {loss_before:.4f} -> {loss_after:.4f} ({loss_after / loss_before:.2f}), "
+          f"SDEdit MSE {error_before:.4f} -> {error_after:.4f} ({error_after / error_before:.2f})")
     # A trained model already fits noise well (0.019 here), so the gain is smaller than on the
     # random model. Measured on three source sets and seeds: loss ratios 0.82, 0.83, 0.77 and
     # SDEdit MSE ratios 0.79, 0.74, 0.85 (0.061 -> 0.048 for this one).
     assert loss_after < 0.9 * loss_before
-    assert ddim_reconstruction_error(model, rectifier, sources, steps=10) < 0.93 * error_before
+    assert error_after < 0.93 * error_before

@@ -57,6 +57,7 @@ def test_shipped_denoiser_beats_the_mean_predictor(held_out):
     prediction = denoiser(held_out.images + sigma * noise, sigma, held_out.labels)
     model_error = ((prediction - held_out.images) ** 2).mean()
     mean_error = ((make_batch(TRAINING_SEED, 512).images.mean(0) - held_out.images) ** 2).mean()
+    print(f"x0 error at sigma {sigma:.2f}: {model_error / mean_error:.3f} of the mean predictor's")
     assert model_error < 0.3 * mean_error
 
 
