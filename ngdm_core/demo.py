@@ -17,6 +17,7 @@ from .shapes import CLASSES, HELD_OUT_SEED, IMAGE_SIZE, class_index, make_batch
 from .shapes_edits import (EditSettings, dilated, edit_friendly, edit_success, invert, iou, per_pixel_time, psnr,
                            sdedit, ssim, weights)
 from .shapes_model import load_classifier, load_denoiser
+from .validation import require_at_least, require_finite_number
 
 SCALE = 6
 LABEL_HEIGHT = 16
@@ -56,6 +57,8 @@ def write_grid(columns: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def run(args) -> dict:
+    require_at_least("--steps", args.steps, 1)
+    require_finite_number("--cfg", args.cfg)
     settings = EditSettings(steps=args.steps, cfg=args.cfg, seed=args.seed, num_maps=args.num_maps)
     denoiser, classifier = load_denoiser(), load_classifier()
     if args.image:

@@ -107,3 +107,11 @@ def test_the_demo_edits_an_image_file(tmp_path):
                          "--num-maps", "1", "--out", str(tmp_path / "edit")])
     assert metrics["target_class"] == "square" and "weight_map_iou" not in metrics
     assert (tmp_path / "edit.png").exists()
+
+
+@pytest.mark.parametrize("option, value, message", [("--steps", "0", "--steps must be at least 1"),
+                                                    ("--cfg", "nan", "--cfg must be a finite number")])
+def test_the_demo_names_a_bad_option(tmp_path, option, value, message):
+    with pytest.raises(ValueError, match=message):
+        demo.main([option, value, "--out", str(tmp_path / "demo")])
+    assert not (tmp_path / "demo.png").exists()
