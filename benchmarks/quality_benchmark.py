@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from ngdm_core.ngdm import diffedit_mask, map_noise, ngdm_weights, prompt_difference
-from ngdm_core.shapes import CLASSES, make_batch
-from ngdm_core.shapes_edits import (EditSettings, ddim_reconstruction, dilated, edit_friendly, edit_success, guided,
+from ngdm_core.shapes.data import CLASSES, make_batch
+from ngdm_core.shapes.edits import (EditSettings, ddim_reconstruction, dilated, edit_friendly, edit_success, guided,
                                     invert, iou, per_pixel_time, psnr, sdedit, ssim)
-from ngdm_core.shapes_model import load_classifier, load_denoiser
+from ngdm_core.shapes.model import load_classifier, load_denoiser
 
 BENCHMARK_SEED = 2  # neither the training set (0) nor the held-out set the tests use (1)
 PRESERVE_MARGIN = 2

@@ -7,8 +7,8 @@ from ngdm_core.rectifier import (Rectifier, SeparableConvModulation, conv_target
                                  load_rectifier, noise_fitting_loss, noised, predicted_x0, predicted_x0_at,
                                  read_rectifier, rectified, rectified_eps, require_fits, save_rectifier,
                                  separable_offset, timestep_embedding, train_rectifier)
-from ngdm_core.shapes import HELD_OUT_SEED, make_batch
-from ngdm_core.shapes_model import NULL_CLASS, UNET_FILE, ShapesUNet, load_model
+from ngdm_core.shapes.data import HELD_OUT_SEED, make_batch
+from ngdm_core.shapes.model import NULL_CLASS, UNET_FILE, ShapesUNet, load_model
 
 CHANNELS = 3
 SIZE = 16

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from ngdm_core import demo
-from ngdm_core.shapes import CLASSES, HELD_OUT_SEED, TRAINING_SEED, make_batch
-from ngdm_core.shapes_edits import dilated, iou, psnr, ssim
-from ngdm_core.shapes_model import load_classifier, load_denoiser
+from ngdm_core.shapes import demo
+from ngdm_core.shapes.data import CLASSES, HELD_OUT_SEED, TRAINING_SEED, make_batch
+from ngdm_core.shapes.edits import dilated, iou, psnr, ssim
+from ngdm_core.shapes.model import load_classifier, load_denoiser
 
 
 def test_the_data_set_is_deterministic_per_seed_and_per_item():

@@ -15,11 +15,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .rectifier import ddpm_alpha_bar, timestep_embedding
-from .schedule import per_item
-from .shapes import CLASSES
+from ..rectifier import ddpm_alpha_bar, timestep_embedding
+from ..schedule import per_item
+from .data import CLASSES
 
-WEIGHTS_DIR = Path(__file__).parent / "weights"
+WEIGHTS_DIR = Path(__file__).parent.parent / "weights"
 UNET_FILE = WEIGHTS_DIR / "shapes_unet.safetensors"
 CLASSIFIER_FILE = WEIGHTS_DIR / "shapes_classifier.safetensors"
 NULL_CLASS = len(CLASSES)
@@ -157,7 +157,7 @@ def read_metadata(path) -> dict:
 def load_model(kind: type, path) -> nn.Module:
     """Rebuild a saved :class:`ShapesUNet` or :class:`ShapesClassifier` in eval mode."""
     if not Path(path).exists():
-        raise FileNotFoundError(f"no weights at {path}; train them with `python -m ngdm_core.shapes_training`")
+        raise FileNotFoundError(f"no weights at {path}; train them with `python -m ngdm_core.shapes.training`")
     model = kind(**read_metadata(path)["config"])
     model.load_state_dict(load_file(str(path)))
     return model.eval().requires_grad_(False)

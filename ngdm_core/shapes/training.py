@@ -1,4 +1,4 @@
-"""Train the shipped shapes models: ``python -m ngdm_core.shapes_training unet`` (or ``classifier``).
+"""Train the shipped shapes models: ``python -m ngdm_core.shapes.training unet`` (or ``classifier``).
 
 Everything comes from ``--seed``: the initial weights, the batches, the timesteps, the noise and
 the class dropout. The learning rate is constant after a warm-up, so the checkpoint written
@@ -13,9 +13,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .rectifier import ddpm_alpha_bar, noised
-from .shapes import HELD_OUT_SEED, TRAINING_SEED, make_batch
-from .shapes_model import (CLASSIFIER_FILE, NULL_CLASS, UNET_FILE, ShapesClassifier, ShapesUNet, parameter_count,
+from ..rectifier import ddpm_alpha_bar, noised
+from .data import HELD_OUT_SEED, TRAINING_SEED, make_batch
+from .model import (CLASSIFIER_FILE, NULL_CLASS, UNET_FILE, ShapesClassifier, ShapesUNet, parameter_count,
                            save_model)
 
 CLASS_DROPOUT = 0.1

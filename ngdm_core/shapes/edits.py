@@ -10,12 +10,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .denoisers import classifier_free_guidance
-from .edit_friendly import edit, edit_per_pixel_time, invert_ddim, invert_edit_friendly
-from .ngdm import sample_per_pixel_time, weight_map
-from .samplers import sample_euler
-from .schedule import noise_source
-from .shapes_model import ShapesDenoiser
+from ..denoisers import classifier_free_guidance
+from ..edit_friendly import edit, edit_per_pixel_time, invert_ddim, invert_edit_friendly
+from ..ngdm import sample_per_pixel_time, weight_map
+from ..samplers import sample_euler
+from ..schedule import noise_source
+from .model import ShapesDenoiser
 
 
 @dataclass
