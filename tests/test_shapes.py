@@ -180,3 +180,22 @@ def test_each_bad_demo_argument_exits_with_one_line_naming_it_before_torch_loads
         lines = run.stderr.strip().splitlines()
         assert run.returncode != 0 and len(lines) == 1 and message in lines[0], (arguments, run.stderr)
         assert not (tmp_path / "out.png").exists()
+
+
+def test_training_writes_to_the_working_folder_and_resumes_as_one_run(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from ngdm_core.shapes import training
+    from ngdm_core.shapes.model import UNET_FILE
+
+    shipped = UNET_FILE.read_bytes()
+    monkeypatch.chdir(tmp_path)
+    tiny = ["--batch-size", "2", "--train-size", "8", "--checkpoint-every", "2", "--threads", "1"]
+    training.main(["unet", "--steps", "2", *tiny])
+    training.main(["unet", "--steps", "4", "--resume", *tiny])
+    training.main(["unet", "--steps", "4", "--out", "whole.safetensors", *tiny])
+    assert UNET_FILE.read_bytes() == shipped
+    resumed, whole = load_file(tmp_path / "shapes_unet.safetensors"), load_file(tmp_path / "whole.safetensors")
+    assert resumed.keys() == whole.keys() and all(torch.equal(resumed[key], whole[key]) for key in whole)
+    with pytest.raises(ValueError, match="--resume: .* was saved with"):
+        training.main(["unet", "--steps", "6", "--resume", "--lr", "0.5", *tiny])
