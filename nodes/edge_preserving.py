@@ -29,7 +29,9 @@ def _edge_inputs():
         io.Float.Input("lambda_max", default=0.1, min=1e-6, max=10.0, step=1e-3, round=1e-6,
                        tooltip="Edge sensitivity at the transition point."),
         io.Float.Input("t_phi", default=0.5, min=0.01, max=1.0, step=0.01,
-                       tooltip="Transition point in diffusion time: from there on the noise is isotropic."),
+                       tooltip="Transition point in the model's own diffusion time (0 clean, 1 pure noise): from "
+                               "there on the noise is isotropic. A run at denoise d starts near t = d, so keep t_phi "
+                               "above that for edge-preserving noise at the start."),
         io.Combo.Input("transition", options=list(TRANSITIONS), default="linear",
                        tooltip="How the edge-preserving noise turns isotropic up to t_phi."),
         io.Float.Input("strength", default=1.0, min=0.0, max=1.0, step=0.01,
