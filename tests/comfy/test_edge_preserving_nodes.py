@@ -106,20 +106,12 @@ def test_the_stroke_workflows_edge_preserving_branch_differs_from_random_noise(h
     assert (edge - plain).abs().mean().item() > 1e-2 * plain.abs().mean().item()
 
 
-class TextRecorder:
-    def __init__(self):
-        self.texts = []
-
-    def send_progress_text(self, text, node_id, sid=None):
-        self.texts.append((node_id, text))
-
-
 @pytest.mark.parametrize("t_phi,strength,warned", [(0.5, 1.0, "at or past t_phi = 0.5"), (1.0, 0.0, "strength is 0"),
                                                     (1.0, 1.0, None)])
 def test_the_noise_says_so_when_it_is_random_noise(host, monkeypatch, t_phi, strength, warned):
     import server
-    recorder = TextRecorder()
-    monkeypatch.setattr(server.PromptServer, "instance", recorder, raising=False)
+    recorder = host.NodeTextRecorder()
+    monkeypatch.setattr(server.PromptServer, "instance", recorder)
     host.TINY_MODEL_KIND["kind"] = "eps"
     prompt = host.load_workflow("edge_preserving_stroke_img2img", 8)
     noise_node = next(key for key, value in prompt.items() if value["class_type"] == "EdgePreservingNoise")

@@ -73,6 +73,9 @@ def start(comfyui_path):
         logging.getLogger().removeHandler(handler)
     for node in _stand_in_nodes():
         nodes.NODE_CLASS_MAPPINGS[node.GET_SCHEMA().node_id] = node
+    # Some of ComfyUI's own nodes (GetImageSize) show text on the node through the server.
+    import server
+    server.PromptServer.instance = NodeTextRecorder()
     comfy.utils.set_progress_bar_enabled(False)
     return sys.modules[__name__]
 
@@ -348,6 +351,16 @@ def ui_to_api(workflow):
                 inputs[socket["name"]] = [str(source_id), source_slot]
         prompt[str(node["id"])] = {"class_type": class_type, "inputs": inputs}
     return prompt
+
+
+class NodeTextRecorder:
+    """Stands in for the PromptServer that shows nodes' text in the frontend; keeps ``(node_id, text)``."""
+
+    def __init__(self):
+        self.texts = []
+
+    def send_progress_text(self, text, node_id, sid=None):
+        self.texts.append((node_id, text))
 
 
 class _StubServer:
