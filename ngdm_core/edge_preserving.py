@@ -27,21 +27,24 @@ TRANSITIONS = ("linear", "cosine", "sigmoid")
 def edge_map(image: torch.Tensor) -> torch.Tensor:
     """``G``: squared Sobel magnitude summed over channels, divided by each item's maximum, on every channel.
 
-    Input and output are (B, C, H, W); borders are replicated, and a flat image gives zeros.
-    The authors sum the channels' Sobel responses before squaring; the pack sums the squared
-    magnitudes, so that channels whose gradients have opposite signs (common in latents) do
-    not cancel.
+    Input and output are (B, C, H, W), or (B, C, F, H, W) with the Sobel taken in each frame's
+    (H, W) plane; borders are replicated, and a flat image gives zeros. The authors sum the
+    channels' Sobel responses before squaring; the pack sums the squared magnitudes, so that
+    channels whose gradients have opposite signs (common in latents) do not cancel.
     """
     require_finite_tensor("image", image)
-    padded = F.pad(image, (1, 1, 1, 1), mode="replicate")
+    planes = image.reshape(image.shape[0], -1, *image.shape[-2:])
+    padded = F.pad(planes, (1, 1, 1, 1), mode="replicate")
     # Sobel as a central difference, then [1, 2, 1] across it: a flat image gives exact zeros,
     # where a convolution's sums leave rounding residue that the normalisation would blow up.
+    # The sums run in place on fresh tensors, one pass each.
     along_width = padded[..., 2:] - padded[..., :-2]
     along_height = padded[..., 2:, :] - padded[..., :-2, :]
-    gradient_x = along_width[..., :-2, :] + 2 * along_width[..., 1:-1, :] + along_width[..., 2:, :]
-    gradient_y = along_height[..., :-2] + 2 * along_height[..., 1:-1] + along_height[..., 2:]
-    magnitude = (gradient_x.square() + gradient_y.square()).sum(dim=1, keepdim=True)
-    peak = magnitude.amax(dim=(2, 3), keepdim=True)
+    gradient_x = torch.add(along_width[..., :-2, :], along_width[..., 2:, :]).add_(along_width[..., 1:-1, :], alpha=2)
+    gradient_y = torch.add(along_height[..., :-2], along_height[..., 2:]).add_(along_height[..., 1:-1], alpha=2)
+    squares = gradient_x.square_().addcmul_(gradient_y, gradient_y).reshape(image.shape)
+    magnitude = squares.sum(dim=1, keepdim=True)
+    peak = per_item(magnitude.flatten(1).amax(dim=1), magnitude)
     return (magnitude / torch.where(peak > 0, peak, torch.ones_like(peak))).expand_as(image)
 
 
@@ -103,8 +106,8 @@ def relative_noise_scale(t, edges: torch.Tensor, lambda_min: float = 1e-4, lambd
     tau = per_item(transition(t, t_phi, kind, steepness), work)
     ratio = work / per_item(edge_lambda(t, lambda_min, lambda_max, t_phi), work)
     # The denominator written as 1 + (1 - tau)(sqrt(1 + G / lambda) - 1), which is exactly 1 where
-    # G = 0 or tau = 1: there the process is exactly isotropic DDPM.
-    return (1 / (1 + (1 - tau) * (torch.sqrt(1 + ratio) - 1))).to(edges.dtype)
+    # G = 0 or tau = 1: there the process is exactly isotropic DDPM. In place on the fresh ratio.
+    return ratio.add_(1).sqrt_().sub_(1).mul_(1 - tau).add_(1).reciprocal_().to(edges.dtype)
 
 
 def noise_scale(alpha_bar, t, edges: torch.Tensor, lambda_min: float = 1e-4, lambda_max: float = 1e-1,
@@ -218,7 +221,7 @@ def edge_preserving_noise(noise: torch.Tensor, edges: torch.Tensor, t, strength:
     if not 0 <= strength <= 1:
         raise ValueError(f"strength must lie in [0, 1], got {strength}")
     ratio = relative_noise_scale(t, edges.to(noise.dtype), **options)
-    return noise * (strength * ratio + (1 - strength))
+    return noise * ratio.mul_(strength).add_(1 - strength)
 
 
 def resize_to_latent(image: torch.Tensor, latent_size: tuple[int, int], name: str = "image") -> torch.Tensor:

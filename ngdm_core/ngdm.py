@@ -121,7 +121,7 @@ def sample_per_pixel_time(denoiser, source: torch.Tensor, weights: torch.Tensor,
 @torch.no_grad()
 def prompt_difference(denoiser, source: torch.Tensor, source_cond, target_cond, sigma: float, noise: torch.Tensor,
                       parametrization: str = "vp", max_batch: int | None = None, progress=None) -> torch.Tensor:
-    """Mean over seeds and channels of ``|D(x, sigma, target) - D(x, sigma, source)|``, shape (B, 1, H, W).
+    """Mean over seeds and channels of ``|D(x, sigma, target) - D(x, sigma, source)|``, shaped like ``source`` with one channel.
 
     ``noise`` holds one noise per seed, shape (N, *source.shape). All seeds go through one
     model call per prompt, or ``max_batch`` seeds per call when memory is short. The map is
@@ -150,23 +150,23 @@ def prompt_difference(denoiser, source: torch.Tensor, source_cond, target_cond, 
 
 
 def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (B, C, H, W) with reflected borders, ``sigma`` in pixels."""
+    """Separable Gaussian blur over the last two axes of (B, C, H, W) or (B, C, F, H, W), reflected borders, ``sigma`` in pixels."""
     if sigma <= 0:
         return image
     radius = max(1, int(3 * sigma + 0.5))
     offsets = torch.arange(-radius, radius + 1, dtype=image.dtype, device=image.device)
     kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
     kernel = kernel / kernel.sum()
-    channels = image.shape[1]
     height, width = image.shape[-2:]
-    blurred = image
+    # Every (H, W) plane blurred on its own, as a batch of one-channel images.
+    blurred = image.reshape(-1, 1, height, width)
     for dim, size in ((-1, width), (-2, height)):
         # Reflection needs the pad to be smaller than the image; tiny latents fall back to replicate.
         mode = "reflect" if radius < size else "replicate"
         pad = (radius, radius, 0, 0) if dim == -1 else (0, 0, radius, radius)
-        shape = (channels, 1, 1, -1) if dim == -1 else (channels, 1, -1, 1)
-        blurred = F.conv2d(F.pad(blurred, pad, mode=mode), kernel.reshape(shape), groups=channels)
-    return blurred
+        shape = (1, 1, 1, -1) if dim == -1 else (1, 1, -1, 1)
+        blurred = F.conv2d(F.pad(blurred, pad, mode=mode), kernel.reshape(shape))
+    return blurred.reshape(image.shape)
 
 
 def normalize_per_item(maps: torch.Tensor) -> torch.Tensor:
@@ -203,7 +203,9 @@ def map_noise(source: torch.Tensor, num_maps: int, seed: int) -> torch.Tensor:
 def weight_map(denoiser, source: torch.Tensor, source_cond, target_cond, sigma: float, num_maps: int = 10,
                seed: int = 0, mode: str = "ngdm", smoothing: float = 1.0, a: float = 10.0, b: float = 5.0,
                parametrization: str = "vp", max_batch: int | None = None, progress=None) -> torch.Tensor:
-    """Lambda for editing ``source`` from ``source_cond`` to ``target_cond``, shape (B, 1, H, W) in [0, 1].
+    """Lambda for editing ``source`` from ``source_cond`` to ``target_cond``, in [0, 1].
+
+    The shape is the source's with one channel: (B, 1, H, W), or (B, 1, F, H, W) for a 5-D source.
 
     The source is noised to ``sigma`` with ``num_maps`` seeded noises; ``mode`` is ``"ngdm"``
     (soft, the paper's section 3.4) or ``"diffedit"`` (binary, for comparison).

@@ -5,8 +5,14 @@ import math
 import torch
 
 
+def all_finite(value: torch.Tensor) -> bool:
+    # A NaN or inf makes the sum NaN or inf, so one reduction clears the usual case; only a sum that
+    # overflowed needs isfinite, which costs several passes over the tensor.
+    return bool(torch.isfinite(value.sum()) or torch.isfinite(value).all())
+
+
 def require_finite_tensor(name: str, value: torch.Tensor) -> None:
-    if not torch.isfinite(value).all():
+    if not all_finite(value):
         raise ValueError(f"{name} contains NaN or inf values")
 
 
@@ -27,9 +33,14 @@ def require_at_least(name: str, value: int, minimum: int) -> None:
 
 
 def require_unit_interval(name: str, value: torch.Tensor) -> None:
-    require_finite_tensor(name, value)
-    if value.numel() and (value.min() < 0 or value.max() > 1):
-        raise ValueError(f"{name} must lie in [0, 1], got values in [{value.min().item():.4g}, {value.max().item():.4g}]")
+    if not value.numel():
+        return
+    # One pass: the extremes are NaN if any value is, and an inf is one of them.
+    low, high = torch.aminmax(value)
+    if not (torch.isfinite(low) and torch.isfinite(high)):
+        raise ValueError(f"{name} contains NaN or inf values")
+    if low < 0 or high > 1:
+        raise ValueError(f"{name} must lie in [0, 1], got values in [{low.item():.4g}, {high.item():.4g}]")
 
 
 def require_map_matches(name: str, weight_map: torch.Tensor, latent: torch.Tensor) -> None:

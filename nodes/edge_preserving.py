@@ -2,6 +2,7 @@
 
 import functools
 import inspect
+import logging
 
 import comfy.k_diffusion.sampling
 import comfy.sample
@@ -9,8 +10,9 @@ import comfy.samplers
 import torch
 from comfy_api.latest import io
 
-from ..ngdm_core.edge_preserving import TRANSITIONS, edge_map, edge_preserving_noise, resize_to_latent
-from .host import CATEGORY, ordered_widgets
+from ..ngdm_core.edge_preserving import TRANSITIONS, edge_map, edge_preserving_noise, resize_to_latent, transition
+from ..ngdm_core.validation import require_sigma_schedule
+from .host import CATEGORY, ordered_widgets, require_pixelwise_latent, require_sampling_run, show_node_text
 
 
 def _options(lambda_min, lambda_max, t_phi, transition, strength):
@@ -27,7 +29,9 @@ def _edge_inputs():
         io.Float.Input("lambda_max", default=0.1, min=1e-6, max=10.0, step=1e-3, round=1e-6,
                        tooltip="Edge sensitivity at the transition point."),
         io.Float.Input("t_phi", default=0.5, min=0.01, max=1.0, step=0.01,
-                       tooltip="Transition point in diffusion time: from there on the noise is isotropic."),
+                       tooltip="Transition point in the model's own diffusion time (0 clean, 1 pure noise): from "
+                               "there on the noise is isotropic. A run at denoise d starts near t = d, so keep t_phi "
+                               "above that for edge-preserving noise at the start."),
         io.Combo.Input("transition", options=list(TRANSITIONS), default="linear",
                        tooltip="How the edge-preserving noise turns isotropic up to t_phi."),
         io.Float.Input("strength", default=1.0, min=0.0, max=1.0, step=0.01,
@@ -53,15 +57,18 @@ def diffusion_time(model_sampling, sigma) -> float:
 
 
 def edges_for(latent, image):
-    """``G`` at the latent's size, one channel, from ``image`` (B, H, W, C) if given, else from the latent."""
+    """``G`` shaped like the latent with one channel, from ``image`` (B, H, W, C) if given, else from the latent."""
     source = latent if image is None else resize_to_latent(image.movedim(-1, 1).to(latent), latent.shape[-2:])
-    return edge_map(source)[:, :1]
+    edges = edge_map(source)[:, :1]
+    # An image's map gains the frame axis of a one-frame 5-D latent.
+    return edges.reshape(edges.shape[0], 1, *latent.shape[2:])
 
 
 class EdgePreservingNoiseSource:
     """A NOISE: RandomNoise's noise for the same seed, scaled down on the edges at the run's start sigma."""
 
-    def __init__(self, seed, time, strength, options, image):
+    def __init__(self, model, seed, time, strength, options, image):
+        self.model = model
         self.seed = seed
         self.time = time
         self.strength = strength
@@ -70,9 +77,21 @@ class EdgePreservingNoiseSource:
 
     def generate_noise(self, input_latent):
         samples = input_latent["samples"]
+        require_pixelwise_latent("latent", self.model, samples)
         noise = comfy.sample.prepare_noise(samples, self.seed, input_latent.get("batch_index"))
         edges = edges_for(samples, self.image)
         return edge_preserving_noise(noise, edges, self.time, self.strength, **self.options)
+
+
+def isotropic_warning(time, t_phi, kind, strength):
+    """Why these settings give RandomNoise's noise exactly, or None when they shape it."""
+    if strength == 0:
+        return "strength is 0, so this is RandomNoise's noise exactly."
+    if transition(time, t_phi, kind) >= 1:
+        return (f"the run starts at diffusion time {time:.2f}, at or past t_phi = {t_phi:g}, where the noise is "
+                f"isotropic: this is RandomNoise's noise exactly. Raise t_phi above {time:.2f} (up to 1), or "
+                "start the run later (a lower denoise), to keep the edges.")
+    return None
 
 
 class EdgePreservingNoise(EdgeWidgets, io.ComfyNode):
@@ -93,22 +112,27 @@ class EdgePreservingNoise(EdgeWidgets, io.ComfyNode):
                 *_edge_inputs(),
             ],
             outputs=[io.Noise.Output(tooltip="For SamplerCustomAdvanced's noise input.")],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
     def execute(cls, model, sigmas, seed, lambda_min, lambda_max, t_phi, transition, strength,
                 image=None) -> io.NodeOutput:
-        if len(sigmas) == 0:
-            raise ValueError("sigmas is empty")
+        require_sigma_schedule("sigmas", sigmas)
         options = _options(lambda_min, lambda_max, t_phi, transition, strength)
         time = diffusion_time(model.get_model_object("model_sampling"), sigmas[0])
-        return io.NodeOutput(EdgePreservingNoiseSource(seed, time, strength, options, image))
+        warning = isotropic_warning(time, t_phi, transition, strength)
+        if warning:
+            logging.warning("EdgePreservingNoise: %s", warning)
+            show_node_text(getattr(cls.hidden, "unique_id", None), warning)
+        return io.NodeOutput(EdgePreservingNoiseSource(model, seed, time, strength, options, image))
 
 
 def sample_edge_preserving(model, x, sigmas, extra_args=None, callback=None, disable=None, base_sampler=None,
                            strength=1.0, options=None, image=None):
     """A SAMPLER function: ``base_sampler`` with edge-preserving noise for every ancestral or SDE step."""
     extra_args = extra_args or {}
+    require_sampling_run(model, sigmas)
     model_sampling = model.inner_model.inner_model.model_sampling
     edges = edges_for(model.latent_image, image)
     draw = comfy.k_diffusion.sampling.default_noise_sampler(x, seed=extra_args.get("seed"))

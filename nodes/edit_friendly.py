@@ -7,12 +7,15 @@ import torch
 from comfy_api.latest import io
 
 from ..ngdm_core.edit_friendly import first_edit_step, invert_edit_friendly, require_eta, sample_edit_friendly
-from .host import CATEGORY, parametrization, progress_reporter, require_image_latent
+from ..ngdm_core.validation import require_sigma_schedule
+from .host import (CATEGORY, as_sampled, parametrization, progress_reporter, require_conditioning,
+                   require_pixelwise_latent, require_sampling_run)
 
 
 def replay_edit_friendly(model, x, sigmas, extra_args=None, callback=None, disable=None, inversion=None):
     """A SAMPLER function: the inversion's ancestral sampler with its recorded noise maps."""
     extra_args = extra_args or {}
+    require_sampling_run(model, sigmas)
     if extra_args.get("denoise_mask") is not None:
         raise ValueError("EditFriendlyInvert's sampler: the latent has a noise_mask. Wrap the sampler in "
                          "PerPixelTimeSampler to use it as Lambda, or sample a latent without a mask.")
@@ -82,7 +85,10 @@ class EditFriendlyInvert(io.ComfyNode):
     @classmethod
     def execute(cls, model, latent, positive, negative, sigmas, source_cfg, eta, skip, seed) -> io.NodeOutput:
         samples = latent["samples"]
-        require_image_latent("latent", model, samples)
+        require_pixelwise_latent("latent", model, samples)
+        require_conditioning("positive", model, positive)
+        require_conditioning("negative", model, negative)
+        require_sigma_schedule("sigmas", sigmas)
         require_eta(eta)
         steps = len(sigmas) - 1
         progress = progress_reporter(steps - first_edit_step(steps, skip))
@@ -92,10 +98,11 @@ class EditFriendlyInvert(io.ComfyNode):
         result = {}
         inverter = comfy.samplers.KSAMPLER(functools.partial(record_inversion, result=result, eta=eta, skip=skip,
                                                              seed=seed, progress=progress))
-        start = guider.sample(torch.zeros_like(samples), samples, inverter, sigmas, disable_pbar=True, seed=seed)
+        sampled = as_sampled(model, samples)
+        start = guider.sample(torch.zeros_like(sampled), sampled, inverter, sigmas, disable_pbar=True, seed=seed)
         inversion = result["inversion"]
-        return io.NodeOutput(EditFriendlySampler(inversion.to("cpu")), {**latent, "samples": start},
-                             inversion.sigmas.cpu())
+        return io.NodeOutput(EditFriendlySampler(inversion.to("cpu")),
+                             {**latent, "samples": start.reshape(samples.shape)}, inversion.sigmas.cpu())
 
 
 NODES = [EditFriendlyInvert]

@@ -1,14 +1,20 @@
 """Adapters from ComfyUI's objects to the ``ngdm_core`` interfaces, shared by the pack's nodes."""
 
+import math
+
+import comfy.controlnet
+import comfy.ldm.modules.diffusionmodules.openaimodel
 import comfy.model_management
 import comfy.model_sampling
+import comfy.sample
 import comfy.sampler_helpers
 import comfy.samplers
 import comfy.utils
 import torch
+from server import PromptServer
 
 from ..ngdm_core.ngdm import start_sigmas
-from ..ngdm_core.validation import require_finite_tensor
+from ..ngdm_core.validation import all_finite, require_finite_tensor, require_sigma_schedule
 
 CATEGORY = "NGDM Editing"
 
@@ -53,16 +59,120 @@ def ordered_widgets(node, lower, upper, **values):
     return True
 
 
-def require_image_latent(name, model, samples):
-    if samples.is_nested or samples.ndim != 4:
-        raise ValueError(f"{name}: expected an image latent of shape (batch, channels, height, width), got {tuple(samples.shape)}")
+def _require_latent(name, base_model, samples, frame_axis):
+    shape = tuple(samples.shape)
+    if samples.is_nested or samples.ndim not in ((4, 5) if frame_axis else (4,)):
+        expected = "(batch, channels, height, width)"
+        if frame_axis:
+            expected += " or, from a video VAE such as Qwen-Image's, (batch, channels, 1, height, width)"
+        raise ValueError(f"{name}: expected an image latent of shape {expected}, got {shape}")
+    if samples.ndim == 5 and samples.shape[2] != 1:
+        raise ValueError(f"{name} is a video latent of {samples.shape[2]} frames {shape}; these nodes edit single "
+                         "images: pass a one-frame latent")
     if samples.shape[0] == 0:
         raise ValueError(f"{name}: the latent batch is empty")
-    channels = model.model.latent_format.latent_channels
+    channels = base_model.latent_format.latent_channels
     if samples.shape[1] != channels:
         raise ValueError(f"{name} has {samples.shape[1]} channels but the model expects {channels}: "
                          "encode the image with this model's VAE")
     require_finite_tensor(name, samples)
+
+
+def require_image_latent(name, model, samples):
+    """A (batch, channels, height, width) latent for ``model``, as the U-Net-only nodes take."""
+    _require_latent(name, model.model, samples, frame_axis=False)
+
+
+def require_pixelwise_latent(name, model, samples):
+    """An image latent for ``model``: 4-D, or 5-D with one frame as VAEs with ``latent_dim`` 3 encode images.
+
+    For the nodes whose maths is per pixel, which keep the latent's shape on output.
+    """
+    _require_latent(name, model.model, samples, frame_axis=True)
+
+
+def as_sampled(model, samples):
+    """``samples`` shaped as ComfyUI's samplers give them to the model: with a frame axis for 3-D latent formats.
+
+    A 4-D latent reaching a Qwen-Image-style model (e.g. from EmptySD3LatentImage) gets it the
+    same way SamplerCustomAdvanced and KSampler give it one.
+    """
+    return comfy.sample.fix_empty_latent_channels(model, samples)
+
+
+def require_sampling_run(model, sigmas):
+    """At a SAMPLER function's start: the run's sigmas, latent and noise, checked as the nodes check theirs.
+
+    ``model`` is the sampler's model, which carries the run's latent and noise. ComfyUI returns
+    the latent unchanged for an empty schedule without calling the sampler, so the shortest
+    schedule seen here has one sigma.
+    """
+    require_sigma_schedule("sigmas", sigmas)
+    _require_latent("latent", model.inner_model.inner_model, model.latent_image, frame_axis=True)
+    require_finite_tensor("noise", model.noise)
+
+
+def _non_finite_part(value, where, seen):
+    """Where in ``value``, part of a conditioning entry, a NaN or inf sits (as a description), or None."""
+    if torch.is_tensor(value):
+        return None if value.is_nested or all_finite(value) else where
+    if isinstance(value, float):
+        return None if math.isfinite(value) else where
+    if id(value) in seen:
+        return None
+    seen.add(id(value))
+    if isinstance(value, dict):
+        parts = [(item, f"{where}[{key!r}]") for key, item in value.items()]
+    elif isinstance(value, (list, tuple)):
+        parts = [(item, f"{where}[{index}]") for index, item in enumerate(value)]
+    elif isinstance(value, comfy.controlnet.ControlBase):
+        parts = [(value.cond_hint_original, f"the hint of {where}"), (value.strength, f"the strength of {where}"),
+                 (value.extra_concat_orig, f"the extra inputs of {where}"),
+                 (value.previous_controlnet, f"the ControlNet chained before {where}")]
+    else:
+        return None
+    return next((found for item, name in parts if (found := _non_finite_part(item, name, seen))), None)
+
+
+def cross_attention_width(model):
+    """The prompt-embedding width ``model`` takes, where ComfyUI 0.8 keeps it; None for other models.
+
+    U-Nets (SD1.x 768, SD2.x 1024, SDXL 2048) keep it as ``context_dim`` in their config. Flux,
+    Flux 2, Chroma and Qwen-Image feed the embedding to a linear ``txt_in``, SD3's MMDiT to a
+    linear ``context_embedder``. Models that transform it first are not guessed at.
+    """
+    diffusion_model = model.model.diffusion_model
+    if isinstance(diffusion_model, comfy.ldm.modules.diffusionmodules.openaimodel.UNetModel):
+        return model.model.model_config.unet_config.get("context_dim")
+    for attribute in ("txt_in", "context_embedder"):
+        layer = getattr(diffusion_model, attribute, None)
+        if isinstance(layer, torch.nn.Linear):
+            return layer.in_features
+    return None
+
+
+def require_conditioning(name, model, conditioning):
+    """A CONDITIONING for ``model``: finite everywhere, with prompt embeddings as wide as the model takes.
+
+    Every tensor and number of every entry is checked: the prompt embedding, its options
+    (pooled output, masks, reference latents, ...) and the hints of any ControlNets on it.
+    """
+    if not isinstance(conditioning, (list, tuple)) or not all(
+            isinstance(entry, (list, tuple)) and len(entry) == 2 and torch.is_tensor(entry[0])
+            and isinstance(entry[1], dict) for entry in conditioning):
+        raise ValueError(f"{name}: expected a CONDITIONING (a list of [embedding, options] pairs), "
+                         f"got {type(conditioning).__name__}")
+    width = cross_attention_width(model)
+    for index, (embedding, options) in enumerate(conditioning):
+        entry = f" (entry {index})" if len(conditioning) > 1 else ""
+        seen = set()
+        found = _non_finite_part(embedding, "the prompt embedding", seen) or next(
+            (found for key, value in options.items() if (found := _non_finite_part(value, f"its {key}", seen))), None)
+        if found:
+            raise ValueError(f"{name} contains NaN or inf values{entry}, in {found}")
+        if width is not None and embedding.shape[-1] != width:
+            raise ValueError(f"{name}{entry}: the prompt embedding is {embedding.shape[-1]} wide, but this model's "
+                             f"cross-attention takes {width}: encode the prompt with this model's own text encoder")
 
 
 def model_conditioning(model, x, positive):
@@ -73,13 +183,30 @@ def model_conditioning(model, x, positive):
             for name, cond in conds[0]["model_conds"].items()}
 
 
+# The spatial factor of the VAE each of ComfyUI 0.8's image and video latent formats comes from
+# (``downscale_ratio`` in comfy/sd.py). A MODEL carries no VAE, but its latent format names the family.
+VAE_DOWNSCALE = {"SD15": 8, "SDXL": 8, "SDXL_Playground_2_5": 8, "SD_X4": 4, "SC_B": 4, "SD3": 8, "Flux": 8,
+                 "Flux2": 16, "Mochi": 8, "LTXV": 32, "HunyuanVideo": 8, "Cosmos1CV8x8x8": 8, "Wan21": 8, "Wan22": 16,
+                 "HunyuanImage21": 32, "HunyuanImage21Refiner": 16, "HunyuanVideo15": 16, "ChromaRadiance": 1}
+# Formats not listed (a pack's own, say) are taken as the SD family's.
+DEFAULT_VAE_DOWNSCALE = 8
+
+
+def vae_downscale(model) -> int:
+    """How many image pixels one latent pixel spans for ``model``'s latent format, along each side."""
+    for latent_format in type(model.model.latent_format).__mro__:
+        if latent_format.__name__ in VAE_DOWNSCALE:
+            return VAE_DOWNSCALE[latent_format.__name__]
+    return DEFAULT_VAE_DOWNSCALE
+
+
 def to_image_resolution(maps, model):
     """Per-latent-pixel maps (..., h, w) at image resolution, each latent pixel a block of the VAE's factor.
 
     Nearest upsampling: ComfyUI's bilinear resize of a noise mask back to latent size samples
     inside each block, so such a MASK gives the same values if it is set on a latent again.
     """
-    ratio = getattr(model.model.latent_format, "spacial_downscale_ratio", 8)
+    ratio = vae_downscale(model)
     return maps.repeat_interleave(ratio, dim=-2).repeat_interleave(ratio, dim=-1)
 
 
@@ -106,6 +233,13 @@ def guided_denoiser(model, negative, cfg, seed):
         return model.model.process_latent_in(denoised).to(x)
 
     return denoise
+
+
+def show_node_text(node_id, text):
+    """Show ``text`` on the node in the frontend; headless hosts (scripts, tests) have no server for it."""
+    server = getattr(PromptServer, "instance", None)
+    if server is not None and node_id is not None:
+        server.send_progress_text(text, node_id)
 
 
 def progress_reporter(total):

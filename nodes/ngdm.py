@@ -2,6 +2,7 @@
 
 import functools
 
+import comfy.patcher_extension
 import comfy.samplers
 import torch
 from comfy_api.latest import io, ui
@@ -9,9 +10,11 @@ from comfy_api.latest import io, ui
 from ..ngdm_core.ngdm import (MAPPINGS, WEIGHT_MAP_MODES, noised_source_reference, per_pixel_time_denoiser, started,
                               weight_map)
 from ..ngdm_core.validation import require_unit_interval
-from .host import (CATEGORY, guided_denoiser, host_start_sigmas, parametrization, progress_reporter, require_image_latent,
-                   seeds_per_call, to_image_resolution)
+from .host import (CATEGORY, as_sampled, guided_denoiser, host_start_sigmas, parametrization, progress_reporter,
+                   require_conditioning, require_pixelwise_latent, require_sampling_run, seeds_per_call,
+                   to_image_resolution)
 
+MASK_FUNCTION_KEY = "ngdm_per_pixel_time_mask"
 MAPPING_TOOLTIP = ("ngdm: each pixel starts at sigma_k = sqrt((1 + sigma_T^2)^lambda - 1), so noise grows as the paper's "
                    "non-isotropic process. linear: DifferentialDiffusion's threshold on the normalised timestep, for comparison.")
 
@@ -61,18 +64,24 @@ class NGDMWeightMap(io.ComfyNode):
     def execute(cls, model, latent, source_conditioning, target_conditioning, negative, seed, num_maps,
                 encode_strength, cfg, smoothing, a, b, mode) -> io.NodeOutput:
         samples = latent["samples"]
-        require_image_latent("latent", model, samples)
+        require_pixelwise_latent("latent", model, samples)
+        for name, conditioning in (("source_conditioning", source_conditioning),
+                                   ("target_conditioning", target_conditioning), ("negative", negative)):
+            require_conditioning(name, model, conditioning)
         model_sampling = model.get_model_object("model_sampling")
         kind = parametrization(model_sampling)
         sigma = float(model_sampling.percent_to_sigma(1.0 - encode_strength))
-        source = model.model.process_latent_in(samples.to(torch.float32)).to(model.load_device)
-        max_batch = seeds_per_call(model, samples.shape, num_maps)
+        sampled = as_sampled(model, samples)
+        source = model.model.process_latent_in(sampled.to(torch.float32)).to(model.load_device)
+        max_batch = seeds_per_call(model, sampled.shape, num_maps)
         progress = progress_reporter(2 * -(-num_maps // max_batch))
+        # Lambda keeps the sampled latent's shape, (B, 1, h, w) or (B, 1, 1, h, w): ComfyUI resizes a
+        # 4-D noise_mask of a 5-D latent as one batch of frames.
         weights = weight_map(guided_denoiser(model, negative, cfg, seed), source, source_conditioning, target_conditioning,
                              sigma, num_maps=num_maps, seed=seed, mode=mode, smoothing=smoothing, a=a, b=b,
                              parametrization=kind, max_batch=max_batch, progress=progress).cpu()
-        at_image_size = to_image_resolution(weights[:, 0], model)
-        return io.NodeOutput(at_image_size, {**latent, "noise_mask": weights}, ui=ui.PreviewMask(at_image_size, cls=cls))
+        mask = to_image_resolution(weights.reshape(weights.shape[0], *weights.shape[-2:]), model)
+        return io.NodeOutput(mask, {**latent, "noise_mask": weights}, ui=ui.PreviewMask(mask, cls=cls))
 
 
 class _HeldPixelsModel:
@@ -104,6 +113,11 @@ def sample_per_pixel_time(model, x, sigmas, extra_args=None, callback=None, disa
                           mapping="ngdm"):
     """A SAMPLER function: Algorithm 1 around ``base_sampler``, with Lambda from the latent's noise_mask."""
     extra_args = extra_args or {}
+    require_sampling_run(model, sigmas)
+    owner = mask_function_owner(extra_args.get("model_options", {}))
+    if owner:
+        raise ValueError(f"model: {owner} gives it a denoise_mask_function, which PerPixelTimeSampler would skip, "
+                         f"since it sets each pixel's start itself. Remove {owner}{_linear_hint(owner)}.")
     weights = extra_args.get("denoise_mask")
     _require_weights(weights, "PerPixelTimeSampler")
     model_sampling = model.inner_model.inner_model.model_sampling
@@ -162,6 +176,41 @@ class PerPixelTimeSampler(io.ComfyNode):
         return io.NodeOutput(comfy.samplers.KSAMPLER(function, inpaint_options=sampler.inpaint_options))
 
 
+def mask_function_owner(model_options):
+    """The node that set ``model_options``' denoise_mask_function, as a user would name it; None if none is set."""
+    function = model_options.get("denoise_mask_function")
+    if function is None:
+        return None
+    if getattr(function, "func", None) is started_mask:
+        return "PerPixelTimeModel"
+    if getattr(function, "__qualname__", "").startswith("DifferentialDiffusion."):
+        return "DifferentialDiffusion"
+    return "another node"
+
+
+def _linear_hint(owner):
+    return " (the mapping 'linear' here is its rule)" if owner == "DifferentialDiffusion" else ""
+
+
+def keep_mask_function(function):
+    """An OUTER_SAMPLE wrapper that refuses to sample if a later patch replaced ``function``.
+
+    ComfyUI keeps one denoise_mask_function per model, and DifferentialDiffusion (or any later
+    patch) would overwrite PerPixelTimeModel's silently. Wrappers survive its clone, so this
+    one sees the replacement when sampling starts.
+    """
+    def check(executor, *args, **kwargs):
+        model_options = executor.class_obj.model_options
+        if model_options.get("denoise_mask_function") is not function:
+            owner = mask_function_owner(model_options) or "another node"
+            raise ValueError(f"model: {owner} replaced PerPixelTimeModel's denoise_mask_function after it, and only "
+                             f"one can turn the noise_mask into per-step masks: remove {owner}{_linear_hint(owner)} "
+                             "or PerPixelTimeModel.")
+        return executor(*args, **kwargs)
+
+    return check
+
+
 def started_mask(sigma, denoise_mask, extra_options, mapping="ngdm"):
     """A ``denoise_mask_function``: this step's binary mask, 1 where a pixel has started."""
     _require_weights(denoise_mask, "PerPixelTimeModel")
@@ -191,8 +240,16 @@ class PerPixelTimeModel(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, mapping) -> io.NodeOutput:
+        owner = mask_function_owner(model.model_options)
+        if owner:
+            # The two rules would give each pixel two start times; there is no one composition of them.
+            raise ValueError(f"model: {owner} already gives it a denoise_mask_function, and only one can turn the "
+                             f"noise_mask into per-step masks: remove {owner}{_linear_hint(owner)} or this node.")
         model = model.clone()
-        model.set_model_denoise_mask_function(functools.partial(started_mask, mapping=mapping))
+        function = functools.partial(started_mask, mapping=mapping)
+        model.set_model_denoise_mask_function(function)
+        model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, MASK_FUNCTION_KEY,
+                                   keep_mask_function(function))
         return io.NodeOutput(model)
 
 

@@ -11,12 +11,12 @@ import comfy.patcher_extension
 import folder_paths
 import torch
 from comfy_api.latest import io, ui
-from server import PromptServer
 from torch import nn
 
 from ..ngdm_core.rectifier import (Rectifier, conv_targets, predicted_x0_at, read_rectifier, rectified, require_fits,
                                    save_rectifier, train_rectifier)
-from .host import CATEGORY, model_conditioning, progress_reporter, require_image_latent
+from .host import (CATEGORY, model_conditioning, progress_reporter, require_conditioning, require_image_latent,
+                   show_node_text)
 from .previews import loss_curve
 
 FOLDER = "rectifiers"
@@ -107,16 +107,13 @@ def loss_reporter(total, node_id):
     """``progress(done, total, loss)`` for training: the progress bar, cancel, and the loss as the node's text."""
     progress = progress_reporter(total)
     every = max(1, total // LOSS_REPORTS)
-    # Headless hosts (scripts, tests) have no server to show text on.
-    server = getattr(PromptServer, "instance", None)
 
     def report(done, new_total, loss):
         progress(done, new_total)
         if done % every == 0 or done == new_total:
             text = f"step {done}/{new_total}: loss {loss:.4f}"
             logging.info("RectifierTrain %s", text)
-            if server is not None and node_id is not None:
-                server.send_progress_text(text, node_id)
+            show_node_text(node_id, text)
 
     return report
 
@@ -162,6 +159,7 @@ class RectifierTrain(io.ComfyNode):
         require_eps_unet(model)
         samples = latent["samples"]
         require_image_latent("latent", model, samples)
+        require_conditioning("positive", model, positive)
         comfy.model_management.load_models_gpu([model])
         x0 = model.model.process_latent_in(samples.to(torch.float32)).to(model.load_device)
         unet, alpha_bar = trainable_unet(model, x0, positive)

@@ -12,7 +12,7 @@ from ..ngdm_core.edge_preserving import resize_to_latent
 from ..ngdm_core.region_jacobian import region_directions
 from ..ngdm_core.schedule import noise_source
 from .host import (CATEGORY, model_conditioning, ordered_widgets, parametrization, progress_reporter,
-                   require_image_latent, to_image_resolution)
+                   require_conditioning, require_image_latent, to_image_resolution)
 
 BOTTLENECK = ("output", 0)
 RegionDirectionsType = io.Custom("REGION_DIRECTIONS")
@@ -139,6 +139,7 @@ class RegionJacobianDirection(io.ComfyNode):
         require_unet(model)
         samples = latent["samples"][:1]
         require_image_latent("latent", model, samples)
+        require_conditioning("positive", model, positive)
         comfy.model_management.load_models_gpu([model])
         device = model.load_device
         model_sampling = model.get_model_object("model_sampling")

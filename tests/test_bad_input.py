@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from ngdm_core import GaussianDenoiser, sample_per_pixel_time, weight_map
+from ngdm_core.validation import require_finite_tensor, require_unit_interval
 
 SHAPE = (2, 4, 8, 8)
 
@@ -74,3 +75,19 @@ def test_inputs_are_not_mutated():
     weight_map(denoiser, source, "a", "b", sigma=1.0, num_maps=3)
     for before, after in zip(originals, (source, weights, sigmas, noise)):
         assert torch.equal(before, after)
+
+
+def test_finite_checks_see_every_nan_and_inf_and_no_overflow():
+    values = torch.full((4096,), 6e4, dtype=torch.float16)  # finite, but the sum overflows
+    require_finite_tensor("values", values)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        spoiled = values.clone()
+        spoiled[1234] = bad
+        with pytest.raises(ValueError, match="values contains NaN or inf"):
+            require_finite_tensor("values", spoiled)
+        unit = torch.rand(64)
+        unit[7] = bad
+        with pytest.raises(ValueError, match="unit contains NaN or inf"):
+            require_unit_interval("unit", unit)
+    with pytest.raises(ValueError, match=r"unit must lie in \[0, 1\], got values in \[-0.5, 0.5\]"):
+        require_unit_interval("unit", torch.tensor([0.5, -0.5]))

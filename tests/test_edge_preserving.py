@@ -44,6 +44,14 @@ def test_edge_map_is_normalised_summed_squared_sobel_with_replicated_borders():
     assert torch.equal(edge_map(torch.full(SHAPE, 0.3)), torch.zeros(SHAPE))
 
 
+def test_edge_map_of_a_one_frame_5d_latent_is_the_images():
+    image = randn(SHAPE)
+    assert torch.equal(edge_map(image.unsqueeze(2)), edge_map(image).unsqueeze(2))
+    # Frames are Sobel'd apart, and normalised together.
+    frames = torch.stack([image, 2 * image], dim=2)
+    assert torch.allclose(edge_map(frames)[:, :, 0], edge_map(image) / 4)
+
+
 def test_lambda_rises_linearly_to_t_phi_then_holds():
     t = torch.tensor([0.0, 0.15, 0.3, 0.6, 1.0], dtype=torch.float64)
     expected = torch.tensor([1e-4, 1e-4 + 0.5 * (0.1 - 1e-4), 0.1, 0.1, 0.1], dtype=torch.float64)

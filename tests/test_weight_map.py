@@ -1,6 +1,7 @@
 import torch
 
 from ngdm_core import GaussianDenoiser, classifier_free_guidance, weight_map
+from ngdm_core.ngdm import gaussian_blur
 
 SIZE = 32
 REGION = (slice(9, 21), slice(6, 22))
@@ -77,3 +78,12 @@ def test_same_seed_same_map_and_larger_a_gives_more_noise():
     assert torch.equal(first, weight_map(curved, source, "source", "target", sigma=2.0, seed=3))
     assert not torch.equal(first, weight_map(curved, source, "source", "target", sigma=2.0, seed=4))
     assert (weight_map(curved, source, "source", "target", sigma=2.0, seed=3, a=14.0) >= first).all()
+
+
+def test_the_blur_treats_every_plane_alike_in_4d_and_5d():
+    image = torch.randn(2, 3, 9, 11, generator=torch.Generator().manual_seed(0))
+    blurred = gaussian_blur(image, 1.5)
+    for channel in range(3):
+        assert torch.allclose(blurred[:, channel:channel + 1], gaussian_blur(image[:, channel:channel + 1], 1.5))
+    assert torch.allclose(gaussian_blur(torch.full((1, 2, 5, 5), 0.7), 1.5), torch.full((1, 2, 5, 5), 0.7))
+    assert torch.equal(gaussian_blur(image.unsqueeze(2), 1.5), blurred.unsqueeze(2))

@@ -87,3 +87,40 @@ def test_the_stroke_workflow_runs(host, kind):
     host.TINY_MODEL_KIND["kind"] = kind
     captured = host.run_prompt(host.load_workflow("edge_preserving_stroke_img2img", 8))
     assert torch.isfinite(captured["output"]["samples"]).all()
+
+
+def decoded_for(prompt, captured, filename_prefix):
+    """The latent that the workflow decoded for the SaveImage with ``filename_prefix``."""
+    save = next(value for value in prompt.values()
+                if value["class_type"] == "SaveImage" and value["inputs"]["filename_prefix"] == filename_prefix)
+    return captured["decoded"][save["inputs"]["images"][0]]["samples"]
+
+
+@pytest.mark.parametrize("kind", ["eps", "flow"])
+def test_the_stroke_workflows_edge_preserving_branch_differs_from_random_noise(host, kind):
+    host.TINY_MODEL_KIND["kind"] = kind
+    prompt = host.load_workflow("edge_preserving_stroke_img2img", 8)
+    captured = host.run_prompt(prompt)
+    edge, plain = (decoded_for(prompt, captured, name) for name in ("edge_preserving_noise", "random_noise"))
+    # With t_phi 0.5 the run (denoise 0.7, starting at t = 0.71) drew RandomNoise's noise, bit for bit.
+    assert (edge - plain).abs().mean().item() > 1e-2 * plain.abs().mean().item()
+
+
+@pytest.mark.parametrize("t_phi,strength,warned", [(0.5, 1.0, "at or past t_phi = 0.5"), (1.0, 0.0, "strength is 0"),
+                                                    (1.0, 1.0, None)])
+def test_the_noise_says_so_when_it_is_random_noise(host, monkeypatch, t_phi, strength, warned):
+    import server
+    recorder = host.NodeTextRecorder()
+    monkeypatch.setattr(server.PromptServer, "instance", recorder)
+    host.TINY_MODEL_KIND["kind"] = "eps"
+    prompt = host.load_workflow("edge_preserving_stroke_img2img", 8)
+    noise_node = next(key for key, value in prompt.items() if value["class_type"] == "EdgePreservingNoise")
+    prompt[noise_node]["inputs"].update(t_phi=t_phi, strength=strength)
+    captured = host.run_prompt(prompt)
+    texts = [text for node_id, text in recorder.texts if node_id == noise_node]
+    if warned is None:
+        assert texts == []
+        return
+    assert len(texts) == 1 and warned in texts[0] and "RandomNoise's noise exactly" in texts[0]
+    edge, plain = (decoded_for(prompt, captured, name) for name in ("edge_preserving_noise", "random_noise"))
+    assert torch.equal(edge, plain)

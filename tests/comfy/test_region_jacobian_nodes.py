@@ -52,6 +52,10 @@ def test_the_example_workflow_runs_under_the_executor(host):
     host.TINY_MODEL_KIND["kind"] = "eps"
     prompt = host.load_workflow("region_direction_edit", 6)
     host.node_of(prompt, "RegionJacobianDirection")["inputs"]["iterations"] = 5
+    # The graph's region, a 256-pixel square at (128, 128) for a 512-pixel image, scaled to the tiny 64-pixel one.
+    host.node_of(prompt, "MaskComposite")["inputs"].update(x=16, y=16)
+    square = next(node for node in prompt.values() if node["class_type"] == "SolidMask" and node["inputs"]["value"] == 1)
+    square["inputs"].update(width=32, height=32)
     captured = host.run_prompt(prompt)
     assert torch.isfinite(captured["output"]["samples"]).all()
 

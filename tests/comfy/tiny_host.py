@@ -73,6 +73,9 @@ def start(comfyui_path):
         logging.getLogger().removeHandler(handler)
     for node in _stand_in_nodes():
         nodes.NODE_CLASS_MAPPINGS[node.GET_SCHEMA().node_id] = node
+    # Some of ComfyUI's own nodes (GetImageSize) show text on the node through the server.
+    import server
+    server.PromptServer.instance = NodeTextRecorder()
     comfy.utils.set_progress_bar_enabled(False)
     return sys.modules[__name__]
 
@@ -108,8 +111,6 @@ def init_weights(module, seed):
 def tiny_model(kind="eps", seed=0):
     """A 1.6 M-parameter SD1.5-shaped U-Net: ``eps``, ``v_prediction`` or ``flow`` (CONST, shift 3)."""
     import comfy.model_base
-    import comfy.model_management
-    import comfy.model_patcher
     import comfy.supported_models
     import torch
     config = comfy.supported_models.SD15({**TINY_UNET_CONFIG, "dtype": torch.float32})
@@ -119,8 +120,61 @@ def tiny_model(kind="eps", seed=0):
         config.sampling_settings = {"shift": 3.0, "multiplier": 1000}
     base = comfy.model_base.BaseModel(config, model_type=model_type)
     init_weights(base.diffusion_model, seed)
+    return _patcher(base)
+
+
+# Tiny DiTs of today's families, with ComfyUI's own model classes (supported_models) and small dims:
+# Flux (16-channel latents, 8x VAE), Flux 2 (128 channels, 16x) and Qwen-Image (16 channels in
+# one-frame 5-D latents from Wan 2.1's VAE, 8x). Their prompt embeddings are DIT_CONTEXT wide.
+DIT_CONTEXT = 32
+TINY_DIT_CONFIGS = {
+    "flux": ("Flux", {"image_model": "flux", "guidance_embed": False, "in_channels": 16, "out_channels": 16,
+                      "vec_in_dim": DIT_CONTEXT, "context_in_dim": DIT_CONTEXT, "hidden_size": 64, "mlp_ratio": 2.0,
+                      "num_heads": 2, "depth": 1, "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000,
+                      "patch_size": 2, "qkv_bias": True, "txt_ids_dims": []}),
+    "flux2": ("Flux2", {"image_model": "flux2", "guidance_embed": False, "in_channels": 128, "out_channels": 128,
+                        "vec_in_dim": None, "context_in_dim": DIT_CONTEXT, "hidden_size": 64, "mlp_ratio": 3.0,
+                        "num_heads": 2, "depth": 1, "depth_single_blocks": 1, "axes_dim": [8, 8, 8, 8], "theta": 2000,
+                        "patch_size": 1, "qkv_bias": False, "ops_bias": False, "global_modulation": True,
+                        "mlp_silu_act": True, "default_ref_method": "index", "ref_index_scale": 10.0,
+                        "txt_ids_dims": [3]}),
+    "qwen_image": ("QwenImage", {"image_model": "qwen_image", "in_channels": 64, "out_channels": 16, "num_layers": 1,
+                                 "attention_head_dim": 32, "num_attention_heads": 2,
+                                 "joint_attention_dim": DIT_CONTEXT, "axes_dims_rope": (8, 12, 12),
+                                 "patch_size": 2}),
+}
+
+
+def _patcher(base):
+    import comfy.model_management
+    import comfy.model_patcher
     return comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
                                             offload_device=comfy.model_management.unet_offload_device())
+
+
+def tiny_dit(family, seed=0):
+    """A tiny random-weight ``flux``, ``flux2`` or ``qwen_image`` model (0.2-0.3 M parameters), flow-matching as theirs."""
+    import comfy.supported_models
+    import torch
+    name, config = TINY_DIT_CONFIGS[family]
+    base = getattr(comfy.supported_models, name)({**config, "dtype": torch.float32}).get_model({})
+    init_weights(base.diffusion_model, seed)
+    return _patcher(base)
+
+
+def dit_conditioning(text, width=DIT_CONTEXT):
+    """A prompt for the tiny DiTs: an 8-token embedding and the pooled output Flux reads."""
+    import torch
+    generator = _seeded(text)
+    return [[torch.randn(1, 8, width, generator=generator), {"pooled_output": torch.randn(1, width, generator=generator)}]]
+
+
+def tiny_latent(model, batch=1, size=LATENT_SIZE, seed=0):
+    """A random source latent in ``model``'s shape: one-frame 5-D for 3-D latent formats, else 4-D."""
+    import torch
+    latent_format = model.model.latent_format
+    frames = (1,) if latent_format.latent_dimensions == 3 else ()
+    return torch.randn(batch, latent_format.latent_channels, *frames, size, size, generator=_seeded(f"latent {seed}"))
 
 
 def tiny_controlnet(seed=1):
@@ -201,11 +255,13 @@ def _stand_in_nodes():
         @classmethod
         def define_schema(cls):
             return io.Schema(node_id="TinyDecode", inputs=[io.Latent.Input("samples"), io.Vae.Input("vae")],
-                             outputs=[io.Image.Output()])
+                             outputs=[io.Image.Output()], hidden=[io.Hidden.unique_id])
 
         @classmethod
         def execute(cls, samples, vae):
             CAPTURED["output"] = {key: value.clone() for key, value in samples.items() if torch.is_tensor(value)}
+            # Per decode node too, for workflows with several branches.
+            CAPTURED["decoded"][cls.hidden.unique_id] = CAPTURED["output"]
             batch, _, height, width = samples["samples"].shape
             return io.NodeOutput(torch.zeros(batch, 8 * height, 8 * width, 3))
 
@@ -305,6 +361,16 @@ def ui_to_api(workflow):
     return prompt
 
 
+class NodeTextRecorder:
+    """Stands in for the PromptServer that shows nodes' text in the frontend; keeps ``(node_id, text)``."""
+
+    def __init__(self):
+        self.texts = []
+
+    def send_progress_text(self, text, node_id, sid=None):
+        self.texts.append((node_id, text))
+
+
 class _StubServer:
     client_id = None
     last_node_id = None
@@ -325,6 +391,7 @@ def run_prompt(prompt):
     """Validate and execute ``prompt`` in a fresh executor; raises with the host's error if it fails."""
     import execution
     CAPTURED.pop("output", None)
+    CAPTURED["decoded"] = {}
     prompt_id = str(uuid.uuid4())
     valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
     if not valid:

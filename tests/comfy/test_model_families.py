@@ -1,0 +1,200 @@
+"""NGDM, the inversion and edge-preserving noise on today's families: tiny Flux, Flux 2 and Qwen-Image models.
+
+Qwen-Image samples one-frame 5-D latents (B, 16, 1, h, w) from Wan 2.1's VAE; Flux samples
+16-channel 4-D latents; Flux 2's VAE downscales 16x where the others do 8x.
+"""
+
+import pytest
+import torch
+
+STEPS = 6
+FAMILIES = ["flux", "qwen_image"]
+
+
+def node(node_id, **inputs):
+    import nodes
+    return nodes.NODE_CLASS_MAPPINGS[node_id].execute(**inputs).result
+
+
+def schedule(model, steps=STEPS):
+    import comfy.samplers
+    return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", steps).cpu()
+
+
+def weight_map(host, model, samples, mode="diffedit"):
+    return node("NGDMWeightMap", model=model, latent={"samples": samples},
+                source_conditioning=host.dit_conditioning("source"), target_conditioning=host.dit_conditioning("target"),
+                negative=host.dit_conditioning("negative"), seed=0, num_maps=2, encode_strength=0.5, cfg=2.0,
+                smoothing=1.0, a=10.0, b=5.0, mode=mode)
+
+
+def sample(host, model, sampler, latent, sigmas, noise=None, cfg=2.0, positive="target"):
+    """SamplerCustomAdvanced as the node runs it: the latent dict, its noise_mask, and ComfyUI's own shape fix."""
+    import comfy.sample
+    samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
+    noise = torch.randn(samples.shape, generator=torch.Generator().manual_seed(1)) if noise is None else noise
+    return comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, host.dit_conditioning(positive),
+                                      host.dit_conditioning("negative"), samples,
+                                      noise_mask=latent.get("noise_mask"), disable_pbar=True, seed=0)
+
+
+def half_lambda(samples):
+    """Lambda 0 on the left half and 1 on the right, in the latent's shape with one channel."""
+    weights = torch.zeros(samples.shape[0], 1, *samples.shape[2:])
+    weights[..., samples.shape[-1] // 2:] = 1.0
+    return weights
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_weight_map_has_the_latents_shape(host, family):
+    model = host.tiny_dit(family)
+    samples = host.tiny_latent(model, batch=2)
+    mask, latent = weight_map(host, model, samples, mode="ngdm")
+    # One channel in the latent's own shape, so ComfyUI resizes it per image, not across the batch.
+    assert latent["noise_mask"].shape == (2, 1, *samples.shape[2:])
+    assert mask.shape == (2, 8 * host.LATENT_SIZE, 8 * host.LATENT_SIZE)
+    assert torch.equal(latent["samples"], samples)
+    assert 0 < latent["noise_mask"].min() and latent["noise_mask"].max() < 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ngdm_keeps_the_source_exactly_where_lambda_is_zero(host, family):
+    import comfy.samplers
+    model = host.tiny_dit(family)
+    samples = host.tiny_latent(model)
+    weights = half_lambda(samples)
+    (sampler,) = node("PerPixelTimeSampler", sampler=comfy.samplers.sampler_object("euler"), mapping="ngdm")
+    output = sample(host, model, sampler, {"samples": samples, "noise_mask": weights}, schedule(model))
+    assert output.shape == samples.shape
+    kept = (weights == 0).expand_as(samples)
+    assert (output - samples)[kept].abs().max().item() <= 1e-5
+    assert (output - samples)[~kept].abs().mean().item() > 1e-2
+
+
+def test_a_4d_latent_on_qwen_image_keeps_its_shape(host):
+    """EmptySD3LatentImage and other 4-D latents: ComfyUI gives them a frame axis to sample; the nodes do too."""
+    model = host.tiny_dit("qwen_image")
+    samples = host.tiny_latent(model)[:, :, 0]
+    _, latent = weight_map(host, model, samples, mode="ngdm")
+    assert latent["samples"].shape == samples.shape and latent["noise_mask"].shape == (1, 1, 1, 8, 8)
+    replay, inverted, sigmas = invert(host, model, samples)
+    assert inverted["samples"].shape == samples.shape
+    reconstruction = sample(host, model, replay, inverted, sigmas, noise=torch.zeros(1, 16, 1, 8, 8),
+                            positive="source")
+    assert (reconstruction - samples.unsqueeze(2)).abs().max().item() <= 1e-4
+
+
+def invert(host, model, samples, steps=STEPS, skip=0.3):
+    return node("EditFriendlyInvert", model=model, latent={"samples": samples}, positive=host.dit_conditioning("source"),
+                negative=host.dit_conditioning("negative"), sigmas=schedule(model, steps), source_cfg=2.0, eta=1.0,
+                skip=skip, seed=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_inversion_reconstructs_the_source_and_keeps_its_shape(host, family):
+    model = host.tiny_dit(family)
+    samples = host.tiny_latent(model)
+    replay, latent, sigmas = invert(host, model, samples)
+    assert latent["samples"].shape == samples.shape
+    zeros = torch.zeros(samples.shape)
+    reconstruction = sample(host, model, replay, latent, sigmas, noise=zeros, positive="source")
+    assert (reconstruction - samples).abs().max().item() <= 1e-4
+    edit = sample(host, model, replay, latent, sigmas, noise=zeros, positive="target")
+    # The tiny Qwen-Image model's text stream moves it least: 2.4e-3 on average.
+    assert (edit - samples).abs().mean().item() > 1e-3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ngdm_over_the_inversion_keeps_the_source_exactly_where_lambda_is_zero(host, family):
+    model = host.tiny_dit(family)
+    samples = host.tiny_latent(model)
+    replay, latent, sigmas = invert(host, model, samples)
+    (sampler,) = node("PerPixelTimeSampler", sampler=replay, mapping="ngdm")
+    weights = half_lambda(samples)
+    output = sample(host, model, sampler, {**latent, "noise_mask": weights}, sigmas, noise=torch.zeros(samples.shape))
+    kept = (weights == 0).expand_as(samples)
+    assert (output - samples)[kept].abs().max().item() <= 1e-4
+    assert (output - samples)[~kept].abs().mean().item() > 1e-3
+
+
+@pytest.mark.parametrize("family,factor", [("flux", 8), ("qwen_image", 8), ("flux2", 16)])
+def test_masks_come_at_the_vaes_own_resolution(host, family, factor):
+    model = host.tiny_dit(family)
+    mask, latent = weight_map(host, model, host.tiny_latent(model), mode="ngdm")
+    assert mask.shape == (1, factor * host.LATENT_SIZE, factor * host.LATENT_SIZE)
+    # Each latent pixel is a block of the VAE's factor, so setting the MASK on the latent gives Lambda back.
+    assert torch.equal(mask[:, ::factor, ::factor], latent["noise_mask"].reshape(mask[:, ::factor, ::factor].shape))
+
+
+def test_sd_masks_stay_8x(host):
+    model = host.tiny_model("eps")
+    conditioning = host.tiny_conditioning("p")
+    mask, _ = node("NGDMWeightMap", model=model, latent={"samples": torch.randn(1, 4, 8, 8)},
+                   source_conditioning=conditioning, target_conditioning=host.tiny_conditioning("q"),
+                   negative=conditioning, seed=0, num_maps=1, encode_strength=0.5, cfg=2.0, smoothing=1.0, a=10.0,
+                   b=5.0, mode="ngdm")
+    assert mask.shape == (1, 64, 64)
+
+
+def test_edge_preserving_noise_keeps_a_5d_latents_shape_and_random_noise_where_flat(host):
+    import nodes
+    model = host.tiny_dit("qwen_image")
+    samples = torch.zeros(1, 16, 1, 8, 8)
+    samples[..., 4:] = 1.0
+    latent = {"samples": samples}
+    (random_noise,) = nodes.NODE_CLASS_MAPPINGS["RandomNoise"].execute(noise_seed=3).result
+    reference = random_noise.generate_noise(latent)
+    knobs = dict(lambda_min=1e-4, lambda_max=0.1, t_phi=1.0, transition="linear", strength=1.0)
+    image = torch.zeros(1, 64, 64, 3)
+    image[:, :, 32:] = 1.0
+    for source in (None, image):
+        (noise,) = node("EdgePreservingNoise", model=model, sigmas=schedule(model)[2:], seed=3, image=source, **knobs)
+        shaped = noise.generate_noise(latent)
+        assert shaped.shape == samples.shape
+        assert torch.equal(shaped[..., :2], reference[..., :2])
+        assert (shaped[..., 3:5].abs() < reference[..., 3:5].abs()).all()
+
+
+def test_the_edge_preserving_sampler_runs_on_a_5d_latent(host):
+    import comfy.samplers
+    model = host.tiny_dit("qwen_image")
+    samples = host.tiny_latent(model)
+    base = comfy.samplers.sampler_object("euler_ancestral")
+    knobs = dict(lambda_min=1e-4, lambda_max=0.1, t_phi=1.0, transition="linear")
+    (unchanged,) = node("EdgePreservingSampler", sampler=base, strength=0.0, **knobs)
+    (shaped,) = node("EdgePreservingSampler", sampler=base, strength=1.0, **knobs)
+    sigmas = schedule(model)
+    plain = sample(host, model, unchanged, {"samples": samples}, sigmas)
+    edged = sample(host, model, shaped, {"samples": samples}, sigmas)
+    assert edged.shape == samples.shape and torch.isfinite(edged).all()
+    assert torch.equal(plain, sample(host, model, base, {"samples": samples}, sigmas))
+    assert not torch.equal(edged, plain)
+
+
+@pytest.mark.parametrize("node_id", ["NGDMWeightMap", "EditFriendlyInvert", "EdgePreservingNoise"])
+def test_video_latents_are_refused(host, node_id):
+    model = host.tiny_dit("qwen_image")
+    video = torch.randn(1, 16, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"latent is a video latent of 3 frames"):
+        if node_id == "NGDMWeightMap":
+            weight_map(host, model, video)
+        elif node_id == "EditFriendlyInvert":
+            invert(host, model, video)
+        else:
+            (noise,) = node("EdgePreservingNoise", model=model, sigmas=schedule(model), seed=0, lambda_min=1e-4,
+                            lambda_max=0.1, t_phi=1.0, transition="linear", strength=1.0)
+            noise.generate_noise({"samples": video})
+
+
+def test_u_net_only_nodes_refuse_5d_latents_clearly(host):
+    model = host.tiny_model("eps")
+    latent = {"samples": torch.randn(1, 4, 1, 8, 8)}
+    mask = torch.zeros(1, 64, 64)
+    mask[:, :32, :32] = 1.0
+    expected = r"latent: expected an image latent of shape \(batch, channels, height, width\), got \(1, 4, 1, 8, 8\)"
+    with pytest.raises(ValueError, match=expected):
+        node("RegionJacobianDirection", model=model, latent=latent, positive=host.tiny_conditioning("p"), mask=mask,
+             probe_percent=0.5, k=1, r=1, iterations=2, seed=0, add_noise=True)
+    with pytest.raises(ValueError, match=expected):
+        node("RectifierTrain", model=model, latent=latent, positive=host.tiny_conditioning(""), steps=1,
+             learning_rate=1e-3, seed=0, filename_prefix="test/never", batch_size=1)
