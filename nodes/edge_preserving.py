@@ -22,6 +22,11 @@ def _options(lambda_min, lambda_max, t_phi, transition, strength):
     return options
 
 
+def _require_image(image):
+    if image is not None and (image.ndim != 4 or 0 in image.shape):
+        raise ValueError(f"image: expected an IMAGE of shape (batch, height, width, channels), got {tuple(image.shape)}")
+
+
 def _edge_inputs():
     return [
         io.Float.Input("lambda_min", default=1e-4, min=1e-6, max=10.0, step=1e-5, round=1e-6,
@@ -119,6 +124,7 @@ class EdgePreservingNoise(EdgeWidgets, io.ComfyNode):
     def execute(cls, model, sigmas, seed, lambda_min, lambda_max, t_phi, transition, strength,
                 image=None) -> io.NodeOutput:
         require_sigma_schedule("sigmas", sigmas)
+        _require_image(image)
         options = _options(lambda_min, lambda_max, t_phi, transition, strength)
         time = diffusion_time(model.get_model_object("model_sampling"), sigmas[0])
         warning = isotropic_warning(time, t_phi, transition, strength)
@@ -169,6 +175,7 @@ class EdgePreservingSampler(EdgeWidgets, io.ComfyNode):
         if function is None or "noise_sampler" not in inspect.signature(function).parameters:
             raise ValueError("sampler: EdgePreservingSampler needs an ancestral or SDE sampler that draws fresh "
                              "noise (e.g. euler_ancestral, dpmpp_2m_sde); this one takes no noise")
+        _require_image(image)
         options = _options(lambda_min, lambda_max, t_phi, transition, strength)
         function = functools.partial(sample_edge_preserving, base_sampler=sampler, strength=strength, options=options,
                                      image=image)

@@ -156,6 +156,10 @@ def test_edge_preserving_noise_names_its_inputs(host):
         node("EdgePreservingNoise", model=model, sigmas=torch.tensor([NAN, 0.0]), seed=0, **knobs)
     with pytest.raises(ValueError, match="sigmas must hold at least two"):
         node("EdgePreservingNoise", model=model, sigmas=torch.tensor([]), seed=0, **knobs)
+    for node_id, inputs in (("EdgePreservingNoise", dict(model=model, sigmas=torch.tensor([1.0, 0.0]), seed=0)),
+                            ("EdgePreservingSampler", dict(sampler=sampler("euler_ancestral")))):
+        with pytest.raises(ValueError, match=r"^image: expected an IMAGE of shape \(batch, height, width, channels\)"):
+            node(node_id, image=torch.rand(64, 64, 3), **inputs, **knobs)
     (noise,) = node("EdgePreservingNoise", model=model, sigmas=torch.tensor([1.0, 0.0]), seed=0, **knobs)
     with pytest.raises(ValueError, match="^latent contains NaN"):
         noise.generate_noise({"samples": torch.full((1, 4, 8, 8), NAN)})
