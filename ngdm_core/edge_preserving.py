@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from .samplers import report_step
 from .schedule import per_item
-from .validation import (require_finite_number, require_finite_tensor, require_map_matches, require_positive,
-                         require_unit_interval)
+from .validation import (all_finite, require_finite_number, require_finite_tensor, require_map_matches,
+                         require_positive, require_unit_interval)
 
 TRANSITIONS = ("linear", "cosine", "sigmoid")
 
@@ -32,7 +32,6 @@ def edge_map(image: torch.Tensor) -> torch.Tensor:
     channels' Sobel responses before squaring; the pack sums the squared magnitudes, so that
     channels whose gradients have opposite signs (common in latents) do not cancel.
     """
-    require_finite_tensor("image", image)
     planes = image.reshape(image.shape[0], -1, *image.shape[-2:])
     padded = F.pad(planes, (1, 1, 1, 1), mode="replicate")
     # Sobel as a central difference, then [1, 2, 1] across it: a flat image gives exact zeros,
@@ -44,47 +43,53 @@ def edge_map(image: torch.Tensor) -> torch.Tensor:
     gradient_y = torch.add(along_height[..., :-2], along_height[..., 2:]).add_(along_height[..., 1:-1], alpha=2)
     squares = gradient_x.square_().addcmul_(gradient_y, gradient_y).reshape(image.shape)
     magnitude = squares.sum(dim=1, keepdim=True)
-    peak = per_item(magnitude.flatten(1).amax(dim=1), magnitude)
-    return (magnitude / torch.where(peak > 0, peak, torch.ones_like(peak))).expand_as(image)
+    peak = magnitude.flatten(1).amax(dim=1)
+    # A NaN or inf anywhere in the image reaches every difference it enters, and so the peak: the
+    # image itself needs scanning only then (a huge but finite image can overflow the squares too).
+    if not all_finite(peak):
+        require_finite_tensor("image", image)
+    peak = per_item(torch.where(peak > 0, peak, 1.0), magnitude)
+    return (magnitude / peak).expand_as(image)
 
 
-def _stage_progress(t, t_phi: float) -> torch.Tensor:
-    """``min(1, t / t_phi)``: how far ``t`` is through the edge-preserving stage."""
+def _stage_progress(t, t_phi: float):
+    """``min(1, t / t_phi)``: how far ``t`` is through the edge-preserving stage; a number for a number ``t``."""
     require_finite_number("t_phi", t_phi)
     if not 0 < t_phi <= 1:
         raise ValueError(f"t_phi must lie in (0, 1], got {t_phi}")
+    if isinstance(t, (int, float)):
+        # A plain number (the nodes' case) stays one: a handful of tiny tensor ops would cost more
+        # than the noise they shape.
+        require_finite_number("t", t)
+        if not 0 <= t <= 1:
+            raise ValueError(f"t must lie in [0, 1], got {t}")
+        return min(1.0, t / t_phi)
     t = torch.as_tensor(t)
     t = t if t.is_floating_point() else t.to(torch.get_default_dtype())
     require_unit_interval("t", t)
     return torch.clamp(t / t_phi, max=1.0)
 
 
-def edge_lambda(t, lambda_min: float = 1e-4, lambda_max: float = 1e-1, t_phi: float = 0.5) -> torch.Tensor:
-    """Edge sensitivity ``lambda(t)``: linear from ``lambda_min`` at 0 to ``lambda_max`` at ``t_phi``, then constant."""
+def _lambda_at(progress, lambda_min: float, lambda_max: float):
     require_positive("lambda_min", lambda_min)
     require_positive("lambda_max", lambda_max)
     if lambda_min > lambda_max:
         raise ValueError(f"lambda_min ({lambda_min}) must not exceed lambda_max ({lambda_max})")
     # The authors' code extends the line past t_phi (lambda > lambda_max). There tau = 1, so lambda
     # no longer matters; holding it at lambda_max keeps it in the paper's interval.
-    return lambda_min + (lambda_max - lambda_min) * _stage_progress(t, t_phi)
+    return lambda_min + (lambda_max - lambda_min) * progress
 
 
-def transition(t, t_phi: float = 0.5, kind: str = "linear", steepness: float = 15.0) -> torch.Tensor:
-    """``tau(t)``: 0 at t = 0, rising monotonically to exactly 1 at ``t_phi`` and staying there.
-
-    ``"linear"`` is ``p = min(1, t / t_phi)``; ``"cosine"`` is ``(1 - cos(pi p)) / 2``;
-    ``"sigmoid"`` is the logistic ``sigmoid(steepness * (t - t_phi / 2))`` (``steepness`` per
-    unit of t, like the authors' k), rescaled linearly to run from 0 at t = 0 to 1 at ``t_phi``.
-    """
+def _tau_at(progress, t_phi: float, kind: str, steepness: float):
     # One tau serves both passes. The authors' code trains with a cosine tau over the whole of
     # [0, 1] but samples with a linear tau that jumps to 1 at t_phi, a mismatch the pack avoids.
     if kind not in TRANSITIONS:
         raise ValueError(f"kind must be one of {TRANSITIONS}, got {kind!r}")
-    progress = _stage_progress(t, t_phi)
     if kind == "linear":
-        shape = progress
-    elif kind == "cosine":
+        # The clamped progress itself, exactly 0 at t = 0 and exactly 1 from t_phi on.
+        return progress
+    progress = torch.as_tensor(progress)
+    if kind == "cosine":
         shape = (1 - torch.cos(math.pi * progress)) / 2
     else:
         require_positive("steepness", steepness)
@@ -97,14 +102,31 @@ def transition(t, t_phi: float = 0.5, kind: str = "linear", steepness: float = 1
     return torch.where(inside, shape, (progress >= 1).to(shape.dtype))
 
 
+def edge_lambda(t, lambda_min: float = 1e-4, lambda_max: float = 1e-1, t_phi: float = 0.5) -> torch.Tensor:
+    """Edge sensitivity ``lambda(t)``: linear from ``lambda_min`` at 0 to ``lambda_max`` at ``t_phi``, then constant."""
+    return torch.as_tensor(_lambda_at(_stage_progress(t, t_phi), lambda_min, lambda_max))
+
+
+def transition(t, t_phi: float = 0.5, kind: str = "linear", steepness: float = 15.0) -> torch.Tensor:
+    """``tau(t)``: 0 at t = 0, rising monotonically to exactly 1 at ``t_phi`` and staying there.
+
+    ``"linear"`` is ``p = min(1, t / t_phi)``; ``"cosine"`` is ``(1 - cos(pi p)) / 2``;
+    ``"sigmoid"`` is the logistic ``sigmoid(steepness * (t - t_phi / 2))`` (``steepness`` per
+    unit of t, like the authors' k), rescaled linearly to run from 0 at t = 0 to 1 at ``t_phi``.
+    """
+    return torch.as_tensor(_tau_at(_stage_progress(t, t_phi), t_phi, kind, steepness))
+
+
 def relative_noise_scale(t, edges: torch.Tensor, lambda_min: float = 1e-4, lambda_max: float = 1e-1,
                          t_phi: float = 0.5, kind: str = "linear", steepness: float = 15.0) -> torch.Tensor:
     """``g_t / sqrt(1 - alpha_bar_t) = 1 / ((1 - tau) sqrt(1 + G / lambda) + tau)``: 1 where flat, below 1 on edges."""
     require_unit_interval("edges", edges)
     # At least float32: in half precision G / lambda (up to 1 / lambda_min) can overflow.
     work = edges.to(torch.promote_types(edges.dtype, torch.float32))
-    tau = per_item(transition(t, t_phi, kind, steepness), work)
-    ratio = work / per_item(edge_lambda(t, lambda_min, lambda_max, t_phi), work)
+    progress = _stage_progress(t, t_phi)
+    tau, lam = (value if isinstance(value, float) else per_item(value, work)
+                for value in (_tau_at(progress, t_phi, kind, steepness), _lambda_at(progress, lambda_min, lambda_max)))
+    ratio = work / lam
     # The denominator written as 1 + (1 - tau)(sqrt(1 + G / lambda) - 1), which is exactly 1 where
     # G = 0 or tau = 1: there the process is exactly isotropic DDPM. In place on the fresh ratio.
     return ratio.add_(1).sqrt_().sub_(1).mul_(1 - tau).add_(1).reciprocal_().to(edges.dtype)
@@ -221,7 +243,9 @@ def edge_preserving_noise(noise: torch.Tensor, edges: torch.Tensor, t, strength:
     if not 0 <= strength <= 1:
         raise ValueError(f"strength must lie in [0, 1], got {strength}")
     ratio = relative_noise_scale(t, edges.to(noise.dtype), **options)
-    return noise * ratio.mul_(strength).add_(1 - strength)
+    if strength != 1:
+        ratio.mul_(strength).add_(1 - strength)
+    return noise * ratio
 
 
 def resize_to_latent(image: torch.Tensor, latent_size: tuple[int, int], name: str = "image") -> torch.Tensor:

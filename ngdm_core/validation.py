@@ -7,8 +7,9 @@ import torch
 
 def all_finite(value: torch.Tensor) -> bool:
     # A NaN or inf makes the sum NaN or inf, so one reduction clears the usual case; only a sum that
-    # overflowed needs isfinite, which costs several passes over the tensor.
-    return bool(torch.isfinite(value.sum()) or torch.isfinite(value).all())
+    # overflowed needs isfinite, which costs several passes over the tensor. The sum is checked as a
+    # Python number: torch's isfinite on one value costs as much as several small ops.
+    return math.isfinite(value.sum().item()) or bool(torch.isfinite(value).all())
 
 
 def require_finite_tensor(name: str, value: torch.Tensor) -> None:
@@ -36,11 +37,11 @@ def require_unit_interval(name: str, value: torch.Tensor) -> None:
     if not value.numel():
         return
     # One pass: the extremes are NaN if any value is, and an inf is one of them.
-    low, high = torch.aminmax(value)
-    if not (torch.isfinite(low) and torch.isfinite(high)):
+    low, high = (extreme.item() for extreme in torch.aminmax(value))
+    if not (math.isfinite(low) and math.isfinite(high)):
         raise ValueError(f"{name} contains NaN or inf values")
     if low < 0 or high > 1:
-        raise ValueError(f"{name} must lie in [0, 1], got values in [{low.item():.4g}, {high.item():.4g}]")
+        raise ValueError(f"{name} must lie in [0, 1], got values in [{low:.4g}, {high:.4g}]")
 
 
 def require_map_matches(name: str, weight_map: torch.Tensor, latent: torch.Tensor) -> None:

@@ -44,6 +44,19 @@ def test_edge_map_is_normalised_summed_squared_sobel_with_replicated_borders():
     assert torch.equal(edge_map(torch.full(SHAPE, 0.3)), torch.zeros(SHAPE))
 
 
+@pytest.mark.parametrize("shape", [(1, 2, 5, 6), (1, 1, 1, 4), (1, 1, 1, 1)])
+def test_edge_map_refuses_a_nan_or_inf_at_any_pixel(shape):
+    for value in (float("nan"), float("inf"), -float("inf")):
+        for index in range(math.prod(shape)):
+            for base in (torch.zeros(shape), torch.full(shape, float("inf"))):
+                image = base.clone().flatten()
+                image[index] = value
+                with pytest.raises(ValueError, match="image contains NaN or inf"):
+                    edge_map(image.reshape(shape))
+    # Huge but finite: the squares overflow, the image is still accepted.
+    edge_map(torch.full(shape, 1e30).index_fill_(-1, torch.tensor([0]), -1e30))
+
+
 def test_edge_map_of_a_one_frame_5d_latent_is_the_images():
     image = randn(SHAPE)
     assert torch.equal(edge_map(image.unsqueeze(2)), edge_map(image).unsqueeze(2))
