@@ -204,7 +204,7 @@ class Rectifier(nn.Module):
         self.shapes = {name: list(shape) for name, shape in sorted(shapes.items())}
         self.config = {"in_channels": in_channels, "width": width, "feature_dim": feature_dim, "time_dim": time_dim}
         # How it was trained, one record per training run (saved with it), and the file it came from.
-        self.training: list[dict] = []
+        self.training_runs: list[dict] = []
         self.origin: str | None = None
         self.time_dim = time_dim
         self.encoder = nn.Sequential(
@@ -433,7 +433,7 @@ def train_rectifier(model: nn.Module, rectifier: Rectifier, data, steps: int, lr
                                          _rows(conditions, rows), weight_and_bias)
 
         history = _fit(rectifier, losses(), steps, lr, weight_decay, progress)
-    rectifier.training.append({"objective": "noise fitting", "steps": len(history), "lr": lr,
+    rectifier.training_runs.append({"objective": "noise fitting", "steps": len(history), "lr": lr,
                                "batch_size": batch_size, "weight_decay": weight_decay, "seed": seed,
                                "final_loss": history[-1]})
     return history
@@ -505,7 +505,7 @@ def train_edit_rectifier(model: nn.Module, rectifier: Rectifier, sources: torch.
                                          weight_and_bias)
 
         history = _fit(rectifier, losses(), steps, lr, weight_decay, progress)
-    rectifier.training.append({"objective": "edit", "steps": len(history), "lr": lr, "batch_size": batch_size,
+    rectifier.training_runs.append({"objective": "edit", "steps": len(history), "lr": lr, "batch_size": batch_size,
                                "weight_decay": weight_decay, "seed": seed, "direction_weight": direction_weight,
                                "l1_weight": l1_weight, "final_loss": history[-1]})
     return history
@@ -537,7 +537,7 @@ def save_rectifier(rectifier: Rectifier, path: str) -> None:
         "targets": json.dumps(rectifier.targets),
         "shape_signature": json.dumps(rectifier.shapes),
         "config": json.dumps(rectifier.config),
-        "training": json.dumps(rectifier.training),
+        "training": json.dumps(rectifier.training_runs),
     }
     tensors = {key: value.detach().contiguous() for key, value in rectifier.state_dict().items()}
     save_file(tensors, path, metadata=metadata)
@@ -572,7 +572,7 @@ def read_rectifier(path: str) -> Rectifier:
     metadata = _read_metadata(path)
     rectifier = Rectifier(json.loads(metadata["shape_signature"]), **json.loads(metadata["config"]))
     rectifier.load_state_dict(load_file(path))
-    rectifier.training = json.loads(metadata.get("training", "[]"))
+    rectifier.training_runs = json.loads(metadata.get("training", "[]"))
     rectifier.origin = path
     require_finite_rectifier(rectifier)
     return rectifier

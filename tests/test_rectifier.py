@@ -423,8 +423,8 @@ def test_edit_training_is_seeded_and_recorded_in_the_saved_file(tmp_path):
     assert history == run(4)[1] and history != run(5)[1]
     save_rectifier(rectifier, str(tmp_path / "edit.safetensors"))
     loaded = read_rectifier(str(tmp_path / "edit.safetensors"))
-    assert [stage["objective"] for stage in loaded.training] == ["noise fitting", "edit"]
-    assert loaded.training[1] == {"objective": "edit", "steps": 3, "lr": 1e-3, "batch_size": 4, "weight_decay": 0.0,
+    assert [stage["objective"] for stage in loaded.training_runs] == ["noise fitting", "edit"]
+    assert loaded.training_runs[1] == {"objective": "edit", "steps": 3, "lr": 1e-3, "batch_size": 4, "weight_decay": 0.0,
                                   "seed": 4, "direction_weight": 2.0, "l1_weight": 0.5, "final_loss": history[-1]}
     assert loaded.origin == str(tmp_path / "edit.safetensors")
 
