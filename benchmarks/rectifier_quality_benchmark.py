@@ -8,7 +8,7 @@ Trains two rectifiers on held-out images of data seed 1, none of them a benchmar
   empty prompt);
 - edit: the paper's edit training from the reconstruction one, each source paired with another
   class (the quality benchmark's pairing), ``E_I`` the shipped classifier's penultimate feature
-  and ``E_T`` each class's mean feature over held-out images; lr 1e-3, both loss weights 1.
+  and ``E_T`` each class's mean feature over held-out images; lr 2e-3, both loss weights 1.
 
 Then edits the quality benchmark's first sources (data seed 2) into their other class with SDEdit
 and with edit-friendly inversion, each with no rectifier, the reconstruction-trained one and the
@@ -41,7 +41,9 @@ SDEDIT_STRENGTHS = (0.3, 0.5)
 EDIT_FRIENDLY_SKIPS = (0.0, 0.4)
 TRAINING_SOURCES = 32  # held-out items 0..31 of data seed 1
 RECONSTRUCTION = {"steps": 300, "lr": 3e-3, "batch_size": 8, "seed": 0}
-EDIT = {"steps": 300, "lr": 1e-3, "batch_size": 8, "seed": 0, "direction_weight": 1.0, "l1_weight": 1.0}
+# The paper's weights (1 and 1) and weight decay (0); lr 2e-3 rather than its 1e-3, which moved the held-out
+# directional loss less and less reliably over seeds in the tests' measurements.
+EDIT = {"steps": 300, "lr": 2e-3, "batch_size": 8, "seed": 0, "direction_weight": 1.0, "l1_weight": 1.0}
 HELD_OUT_TIMESTEPS = (50, 950)
 
 

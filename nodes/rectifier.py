@@ -264,9 +264,10 @@ class RectifierTrain(io.ComfyNode):
                                       tooltip="Edit mode: the target prompt, encoded with clip. positive is then the "
                                               "prompt describing the sources."),
                 io.Clip.Input("clip", optional=True,
-                              tooltip="Edit mode: the CLIP that encoded positive and target; its projected pooled "
-                                      "output is the text embedding. SD1.x checkpoints lack CLIP's text projection: "
-                                      "load CLIP ViT-L/14's text encoder with Load CLIP for them."),
+                              tooltip="Edit mode: a CLIP holding the text encoder that encoded positive and "
+                                      "target; its text projection takes their pooled outputs into CLIP's joint "
+                                      "image/text space. SD1.x checkpoints lack that projection: for them, load CLIP "
+                                      "ViT-L/14's full text encoder with Load CLIP."),
                 io.ClipVision.Input("clip_vision", optional=True,
                                     tooltip="Edit mode: the CLIP vision model of the same CLIP (ViT-L/14 for SD1.x, "
                                             "ViT-H for SD2.x, ViT-bigG for SDXL); its image embeds judge the edit."),
