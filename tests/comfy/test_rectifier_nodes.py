@@ -414,41 +414,15 @@ def core_targets(host, model):
 # --- edit mode ----------------------------------------------------------------------------------
 
 
-def edit_prompt(host, steps=3, **edit_inputs):
-    """Train reconstruct then edit on one source, apply the edit rectifier, SDEdit under the target, save."""
-    train_inputs = dict(latent=["6", 0], positive=["2", 0], steps=steps, learning_rate=1e-3, seed=0, batch_size=2)
-    return {
-        "1": {"class_type": "TinyCheckpoint", "inputs": {"ckpt_name": "tiny"}},
-        "2": {"class_type": "TinyTextEncode", "inputs": {"clip": ["1", 1], "text": "a photo of a cat"}},
-        "3": {"class_type": "TinyTextEncode", "inputs": {"clip": ["1", 1], "text": "a photo of a dog"}},
-        "4": {"class_type": "TinyTextEncode", "inputs": {"clip": ["1", 1], "text": "blurry"}},
-        "5": {"class_type": "TinyImage", "inputs": {"image": "source.png"}},
-        "6": {"class_type": "TinyEncode", "inputs": {"pixels": ["5", 0], "vae": ["1", 2]}},
-        "7": {"class_type": "TinyCLIPVisionLoader", "inputs": {"clip_name": "clip_vision_vit_l.safetensors"}},
-        "8": {"class_type": "RectifierTrain", "inputs": {"model": ["1", 0], "filename_prefix": "edit_test/reconstruct",
-                                                         **train_inputs}},
-        "9": {"class_type": "RectifierTrain", "inputs": {
-            "model": ["1", 0], "filename_prefix": "edit_test/edit", "mode": "edit", "target": ["3", 0],
-            "clip": ["1", 1], "clip_vision": ["7", 0], "vae": ["1", 2], "direction_weight": 1.0, "l1_weight": 1.0,
-            "initial_rectifier": ["8", 0], **train_inputs, **edit_inputs}},
-        "10": {"class_type": "RectifierApply", "inputs": {"model": ["1", 0], "rectifier": ["9", 0], "latent": ["6", 0]}},
-        "11": {"class_type": "KSampler", "inputs": {
-            "model": ["10", 0], "seed": 0, "steps": 4, "cfg": 3.0, "sampler_name": "euler", "scheduler": "normal",
-            "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["6", 0], "denoise": 0.5}},
-        "12": {"class_type": "TinyDecode", "inputs": {"samples": ["11", 0], "vae": ["1", 2]}},
-        "13": {"class_type": "SaveImage", "inputs": {"images": ["12", 0], "filename_prefix": "edit_test"}},
-    }
-
-
-def test_edit_mode_trains_on_top_of_reconstruction_and_applies_under_the_executor(host):
+def test_the_edit_training_workflow_trains_on_top_of_reconstruction_and_applies_under_the_executor(host):
     import folder_paths
     host.TINY_MODEL_KIND["kind"] = "eps"
-    before = set(saved_names("edit_test"))
-    captured = host.run_prompt(edit_prompt(host))
-    source, output = captured["source"], captured["output"]["samples"]
+    before = set(saved_names("rectifier_"))
+    captured = host.run_prompt(host.load_workflow("rectifier_edit_training", 3))
+    source, output = captured["source"][:1], captured["output"]["samples"]
     assert torch.isfinite(output).all() and (output - source).abs().mean().item() > 1e-2
-    (reconstruct,) = [name for name in set(saved_names("edit_test")) - before if "reconstruct" in name]
-    (edit,) = [name for name in set(saved_names("edit_test")) - before if "edit_" in name.split("/")[-1]]
+    (reconstruct,) = [name for name in set(saved_names("rectifier_source")) - before]
+    (edit,) = [name for name in set(saved_names("rectifier_cat_to_dog")) - before]
     (loaded,) = node("RectifierLoader", rectifier_name=edit)
     assert [stage["objective"] for stage in loaded.training_runs] == ["noise fitting", "edit"]
     first = read_rectifier(host, folder_paths.get_full_path_or_raise("rectifiers", reconstruct))
