@@ -497,3 +497,27 @@ def test_the_differentiable_image_embeds_are_clip_visions_own(host):
         assert (ours - theirs).abs().max() > 0
         torch.testing.assert_close(embeddings.image_embeds(clip_vision.model, theirs),
                                    clip_vision.encode_image(images)["image_embeds"], rtol=0, atol=1e-6)
+
+
+def test_train_runs_with_nothing_downstream_and_once_for_unchanged_inputs(host):
+    import asyncio
+    import execution
+    host.TINY_MODEL_KIND["kind"] = "eps"
+    prompt = {
+        "1": {"class_type": "TinyCheckpoint", "inputs": {"ckpt_name": "tiny"}},
+        "2": {"class_type": "TinyTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
+        "3": {"class_type": "TinyImage", "inputs": {"image": "source.png"}},
+        "4": {"class_type": "TinyEncode", "inputs": {"pixels": ["3", 0], "vae": ["1", 2]}},
+        "5": {"class_type": "RectifierTrain", "inputs": {
+            "model": ["1", 0], "latent": ["4", 0], "positive": ["2", 0], "steps": 2, "learning_rate": 1e-3, "seed": 0,
+            "filename_prefix": "alone/rectifier", "batch_size": 1}},
+    }
+    valid, error, outputs, _ = asyncio.run(execution.validate_prompt("alone", prompt, None))
+    assert valid, error
+    executor = execution.PromptExecutor(host._StubServer(), cache_type=execution.CacheType.CLASSIC,
+                                        cache_args={"lru": 0, "ram": 0})
+    for run in range(2):
+        executor.execute(prompt, f"alone {run}", {}, outputs)
+        assert executor.success
+        # Run alone it trains and saves; queued again unchanged, ComfyUI's cache answers with no second file.
+        assert len(saved_names("alone")) == 1
