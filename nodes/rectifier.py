@@ -12,10 +12,8 @@ import comfy.model_sampling
 import comfy.ops
 import comfy.patcher_extension
 import folder_paths
-import numpy as np
 import torch
 from comfy_api.latest import io, ui
-from PIL import Image, ImageDraw
 from server import PromptServer
 from torch import nn
 
@@ -23,6 +21,7 @@ from ..ngdm_core.rectifier import (Rectifier, conv_targets, read_rectifier, rect
                                    require_fits, save_rectifier, train_edit_rectifier, train_rectifier)
 from ..ngdm_core.schedule import per_item
 from .host import CATEGORY, model_conditioning, progress_reporter, require_image_latent
+from .previews import loss_curve
 from .rectifier_embeddings import LatentImageEmbedding, image_embedding_width, require_one_space, text_embedding
 
 FOLDER = "rectifiers"
@@ -169,33 +168,6 @@ def loss_reporter(total, node_id, clock=time.perf_counter):
     return report
 
 
-def loss_curve_image(history, width=512, height=256):
-    """The loss per step on a log scale (light) with its running mean (dark), as a ``(1, H, W, 3)`` IMAGE."""
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    left, top, right, bottom = 56, 8, width - 8, height - 22
-    losses = np.log10(np.maximum(np.asarray(history, dtype=np.float64), 1e-12))
-    window = max(1, len(losses) // 20)
-    running = np.convolve(losses, np.ones(window) / window, mode="valid")
-    low, high = losses.min(), losses.max()
-    span = max(high - low, 1e-9)
-
-    def points(values, first_step):
-        steps = first_step + np.arange(len(values))
-        xs = left + (right - left) * steps / max(len(losses) - 1, 1)
-        return list(zip(xs, bottom - (bottom - top) * (values - low) / span))
-
-    draw.rectangle([left, top, right, bottom], outline=(160, 160, 160))
-    for values, first_step, colour in ((losses, 0, (150, 180, 230)), (running, window - 1, (20, 60, 160))):
-        if len(values) > 1:
-            draw.line(points(values, first_step), fill=colour, width=2)
-    draw.text((2, top), f"{10**high:.3g}", fill="black")
-    draw.text((2, bottom - 10), f"{10**low:.3g}", fill="black")
-    draw.text((left, bottom + 6), "step 1", fill="black")
-    draw.text((right - 70, bottom + 6), f"step {len(losses)}", fill="black")
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255)[None]
-
-
 def edit_inputs(model, positive, target, clip, clip_vision, vae):
     """The edit's text direction ``E_T(target) - E_T(positive)``, after checking every input it needs."""
     missing = [name for name, value in (("target", target), ("clip", clip), ("clip_vision", clip_vision),
@@ -230,7 +202,7 @@ class RectifierTrain(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="RectifierTrain",
-            display_name="Train Rectifier",
+            display_name="NGDM Edit: Train Rectifier",
             category=CATEGORY,
             description="Trains a rectifier for this model on a batch of source latents: a small hypernetwork that "
                         "modulates the convs of the U-Net's middle and output blocks. Mode reconstruct fits the "
@@ -240,13 +212,15 @@ class RectifierTrain(io.ComfyNode):
                         "to models/rectifiers and shows the loss curve. U-Nets predicting noise or v (SD1.x, SD2.x, "
                         "SDXL).",
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="A U-Net model predicting noise or v (SD1.x, SD2.x, SDXL); it stays "
+                                                "frozen."),
                 io.Latent.Input("latent", tooltip="The source images, VAE-encoded, as one batch (e.g. via "
                                                   "RepeatLatentBatch or LatentBatch)."),
                 io.Conditioning.Input("positive", tooltip="The prompt the model runs under while training: one "
                                                           "describing the sources, or an empty prompt."),
                 io.Int.Input("steps", default=500, min=1, max=100000, tooltip="AdamW steps."),
-                io.Float.Input("learning_rate", default=1e-3, min=1e-6, max=1.0, step=1e-4, round=1e-6),
+                io.Float.Input("learning_rate", default=1e-3, min=1e-6, max=1.0, step=1e-4, round=1e-6,
+                               tooltip="AdamW's learning rate for the rectifier's weights."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seeds the rectifier's initial weights, and the training's timesteps, noise "
                                      "and batches."),
@@ -284,9 +258,11 @@ class RectifierTrain(io.ComfyNode):
                                     tooltip="Continue from this rectifier instead of a fresh one; the paper trains "
                                             "an edit on top of a reconstruction-trained rectifier."),
             ],
-            outputs=[RectifierType.Output(display_name="rectifier"),
-                     io.Image.Output(display_name="loss_curve", tooltip="The training loss per step (log scale) "
-                                                                        "with its running mean.")],
+            outputs=[RectifierType.Output(display_name="rectifier",
+                                          tooltip="The trained rectifier, also saved to models/rectifiers; for "
+                                                  "NGDM Edit: Apply Rectifier."),
+                     io.Image.Output(display_name="loss_curve",
+                                     tooltip="The training loss per step with its running mean, as shown on the node.")],
             # The inputs after batch_size are optional, so prompts and workflows saved before them still run.
             hidden=[io.Hidden.unique_id],
             # An output node runs when queued even if nothing consumes the rectifier, and its file is saved once.
@@ -327,7 +303,7 @@ class RectifierTrain(io.ComfyNode):
         rectifier.origin = path
         logging.info("RectifierTrain (%s): loss %.4f -> %.4f over %d steps, saved %s", mode, history[0], history[-1],
                      len(history), path)
-        curve = loss_curve_image(history)
+        curve = loss_curve(history)
         return io.NodeOutput(rectifier, curve, ui=ui.PreviewImage(curve, cls=cls))
 
 
@@ -336,12 +312,14 @@ class RectifierLoader(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="RectifierLoader",
-            display_name="Load Rectifier",
+            display_name="NGDM Edit: Load Rectifier",
             category=CATEGORY,
             description="Loads a rectifier saved by Train Rectifier from models/rectifiers.",
             inputs=[io.Combo.Input("rectifier_name", options=folder_paths.get_filename_list(FOLDER) or [NO_RECTIFIERS],
-                                   tooltip="A file in models/rectifiers, written by Train Rectifier.")],
-            outputs=[RectifierType.Output(display_name="rectifier")],
+                                   tooltip="A file in models/rectifiers, saved by NGDM Edit: Train Rectifier.")],
+            outputs=[RectifierType.Output(display_name="rectifier",
+                                          tooltip="For NGDM Edit: Apply Rectifier, with the model it was trained "
+                                                  "for.")],
         )
 
     @classmethod
@@ -398,19 +376,20 @@ class RectifierApply(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="RectifierApply",
-            display_name="Apply Rectifier",
+            display_name="NGDM Edit: Apply Rectifier",
             category=CATEGORY,
             description="Returns a copy of the model that, at every step, predicts the clean image with one plain "
                         "pass and then predicts again with the U-Net's convs modulated by the rectifier, looking at "
                         "the source. Use it to reconstruct or edit the source (SDEdit, edit-friendly inversion). "
                         "Each step costs about two model calls.",
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="The model the rectifier was trained for; a patched copy is returned."),
                 RectifierType.Input("rectifier", tooltip="Trained for this model's architecture."),
                 io.Latent.Input("latent", tooltip="The source, VAE-encoded: one image for the whole batch, or one "
                                                   "per sampled latent."),
             ],
-            outputs=[io.Model.Output()],
+            outputs=[io.Model.Output(tooltip="The model with the rectifier applied, for any sampler; each step costs "
+                                             "about two model calls.")],
         )
 
     @classmethod
