@@ -1,11 +1,16 @@
 """High-fidelity rectifier (seed 003): a hypernetwork that modulates a frozen model's conv kernels.
 
-The base model is any ``nn.Module`` called as ``model(x_t, t) -> eps`` with integer timesteps
-``t`` (one per batch item) into a cumulative ``alpha_bar`` schedule. The rectifier looks at the
-source ``x0``, the step's plain estimate ``P_t = (x_t - sqrt(1 - ab) eps) / sqrt(ab)`` and ``t``,
-and generates per-sample separable offsets for the targeted ``nn.Conv2d`` layers (found by
-name), applied as ``theta * (1 + delta)``. The base model is never modified: the targeted convs
-run modulated only inside :func:`rectified`.
+The base model is any ``nn.Module`` called as ``model(x_t, t) -> eps``, or ``model(x_t, t, cond)
+-> eps`` where a condition is given, with integer timesteps ``t`` (one per batch item) into a
+cumulative ``alpha_bar`` schedule. The rectifier looks at the source ``x0``, the step's plain
+estimate ``P_t = (x_t - sqrt(1 - ab) eps) / sqrt(ab)`` and ``t``, and generates per-sample
+separable offsets for the targeted ``nn.Conv2d`` layers (found by name), applied as
+``theta * (1 + delta)``. The base model is never modified: the targeted convs run modulated only
+inside :func:`rectified`.
+
+Two ways to train it: :func:`train_rectifier`, the paper's reconstruction objective (noise
+fitting), and :func:`train_edit_rectifier`, its edit training (a directional loss in a joint
+image/text embedding plus L1 to the source, each step starting from the source's own trajectory).
 """
 
 import contextlib
@@ -20,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .schedule import per_item
-from .validation import require_at_least, require_finite_tensor, require_positive
+from .validation import require_at_least, require_finite_tensor, require_non_negative, require_positive
 
 FORMAT_VERSION = "1"
 
@@ -58,29 +63,42 @@ def separable_offset(in_factor: torch.Tensor, out_factor: torch.Tensor) -> torch
     return out_factor * in_factor
 
 
+# ``weight_and_bias(conv, x) -> (weight, bias)``: the weights a conv computes with for input ``x``.
+WeightAndBias = Callable[[nn.Conv2d, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def own_weight_and_bias(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A conv's own weight and bias in ``x``'s dtype and device, as a manually cast layer computes.
+
+    A host whose layers compute with other weights than they store (weight patches such as LoRA
+    applied on the fly, offloaded or quantised weights) passes its own cast instead.
+    """
+    return conv.weight.to(x), None if conv.bias is None else conv.bias.to(x)
+
+
 class SeparableConvModulation:
     """One target conv run per sample with ``weight * (1 + separable_offset)``.
 
     All samples go through one grouped convolution: the batch becomes groups of a single
-    image, so each sample sees its own kernel without a Python loop.
+    image, so each sample sees its own kernel without a Python loop. ``weight_and_bias``
+    supplies the weights the conv would compute with unmodulated.
     """
 
-    def __init__(self, conv: nn.Conv2d, name: str = "conv"):
+    def __init__(self, conv: nn.Conv2d, name: str = "conv", weight_and_bias: WeightAndBias = own_weight_and_bias):
         if not isinstance(conv, nn.Conv2d):
             raise ValueError(f"{name} must be an nn.Conv2d to be rectified, got {type(conv).__name__}")
         self.conv = conv
         self.name = name
+        self.weight_and_bias = weight_and_bias
 
     def __call__(self, x: torch.Tensor, in_factor: torch.Tensor, out_factor: torch.Tensor) -> torch.Tensor:
         conv = self.conv
         batch = x.shape[0]
         if in_factor.shape[0] != batch or out_factor.shape[0] != batch:
             raise ValueError(f"{self.name} got a batch of {batch} but offsets for a batch of {in_factor.shape[0]}")
-        offset = separable_offset(in_factor, out_factor).to(conv.weight.dtype)
-        # Hosts may store weights in another dtype or device than they compute in (manual casting,
-        # offloading); the replaced forward must cast as the original one would have.
-        weight = (conv.weight * (1 + offset)).flatten(0, 1).to(x)
-        bias = None if conv.bias is None else conv.bias.repeat(batch).to(x)
+        weight, bias = self.weight_and_bias(conv, x)
+        weight = (weight * (1 + separable_offset(in_factor, out_factor).to(weight))).flatten(0, 1)
+        bias = None if bias is None else bias.repeat(batch)
         padding = conv.padding
         if conv.padding_mode != "zeros":
             x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
@@ -118,7 +136,7 @@ def shape_signature(model: nn.Module, targets: Iterable[str]) -> dict[str, list[
 
 
 @contextlib.contextmanager
-def rectified(model: nn.Module, factors: dict[str, Factors]):
+def rectified(model: nn.Module, factors: dict[str, Factors], weight_and_bias: WeightAndBias = own_weight_and_bias):
     """Run ``model`` with each named conv modulated by its ``factors`` until the block exits.
 
     The convs' ``forward`` is shadowed by an instance attribute (the op becomes a grouped
@@ -131,7 +149,7 @@ def rectified(model: nn.Module, factors: dict[str, Factors]):
             raise ValueError(f"target {name!r} is already rectified or has a patched forward")
     try:
         for name, conv in convs.items():
-            modulation = SeparableConvModulation(conv, name)
+            modulation = SeparableConvModulation(conv, name, weight_and_bias)
             conv.forward = lambda x, modulation=modulation, pair=factors[name]: modulation(x, *pair)
         yield model
     finally:
@@ -185,6 +203,9 @@ class Rectifier(nn.Module):
         super().__init__()
         self.shapes = {name: list(shape) for name, shape in sorted(shapes.items())}
         self.config = {"in_channels": in_channels, "width": width, "feature_dim": feature_dim, "time_dim": time_dim}
+        # How it was trained, one record per training run (saved with it), and the file it came from.
+        self.training_runs: list[dict] = []
+        self.origin: str | None = None
         self.time_dim = time_dim
         self.encoder = nn.Sequential(
             nn.Conv2d(2 * in_channels, width, 3, padding=1), nn.SiLU(),
@@ -232,58 +253,105 @@ def _frozen(model: nn.Module):
             parameter.requires_grad_(flag)
 
 
+def _eps(model: nn.Module, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+    return model(x_t, t) if cond is None else model(x_t, t, cond)
+
+
 def rectified_eps(model: nn.Module, rectifier: Rectifier, x_t: torch.Tensor, t: torch.Tensor, source: torch.Tensor,
-                  alpha_bar: torch.Tensor) -> torch.Tensor:
-    """One rectified step: a plain call for ``P_t``, then one modulated call.
+                  alpha_bar: torch.Tensor, cond=None, weight_and_bias: WeightAndBias = own_weight_and_bias) -> torch.Tensor:
+    """One rectified step under ``cond``: a plain call for ``P_t``, then one modulated call.
 
     Gradients reach only the rectifier: the model's parameters are frozen for the call (and
     their flags restored), so a backward never accumulates into the base model.
     """
+    return rectified_eps_at(model, rectifier, x_t, t, source, alpha_bar[t], cond, weight_and_bias)
+
+
+def rectified_eps_at(model: nn.Module, rectifier: Rectifier, x_t: torch.Tensor, t: torch.Tensor, source: torch.Tensor,
+                     alpha_bar_t: torch.Tensor, cond=None,
+                     weight_and_bias: WeightAndBias = own_weight_and_bias) -> torch.Tensor:
+    """:func:`rectified_eps` with ``alpha_bar`` given per item, for samplers whose times fall between the table's."""
     with torch.no_grad():
-        estimate = predicted_x0(x_t, model(x_t, t), t, alpha_bar)
-    with _frozen(model), rectified(model, rectifier(source, estimate, t)):
-        return model(x_t, t)
+        estimate = predicted_x0_at(x_t, _eps(model, x_t, t, cond), alpha_bar_t)
+    with _frozen(model), rectified(model, rectifier(source, estimate, t), weight_and_bias):
+        return _eps(model, x_t, t, cond)
 
 
 def noise_fitting_loss(model: nn.Module, rectifier: Rectifier, x0: torch.Tensor, t: torch.Tensor,
-                       noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+                       noise: torch.Tensor, alpha_bar: torch.Tensor, cond=None,
+                       weight_and_bias: WeightAndBias = own_weight_and_bias) -> torch.Tensor:
     """``mean |noise - eps_rectified(x_t)|^2``, the paper's reconstruction objective (Eq. 3)."""
     x_t = noised(x0, noise, t, alpha_bar)
-    return F.mse_loss(rectified_eps(model, rectifier, x_t, t, x0, alpha_bar), noise)
+    return F.mse_loss(rectified_eps(model, rectifier, x_t, t, x0, alpha_bar, cond, weight_and_bias), noise)
 
 
 def directional_loss(edited_embedding: torch.Tensor, source_embedding: torch.Tensor,
-                     target_direction: torch.Tensor) -> torch.Tensor:
+                     direction: torch.Tensor) -> torch.Tensor:
     """``1 - cos(E(edited) - E(source), direction)``, averaged over the batch (Eq. 4)."""
     change = edited_embedding - source_embedding
-    return (1 - F.cosine_similarity(change, target_direction.to(change).expand_as(change), dim=1)).mean()
+    return (1 - F.cosine_similarity(change, direction.to(change).expand_as(change), dim=1)).mean()
+
+
+def edit_loss_terms(model: nn.Module, rectifier: Rectifier, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                    alpha_bar: torch.Tensor, embed: Callable[[torch.Tensor], torch.Tensor], direction: torch.Tensor,
+                    cond=None, source_embedding: torch.Tensor | None = None,
+                    weight_and_bias: WeightAndBias = own_weight_and_bias) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L_dir, L1)`` of the editing objective at one step of Algorithm 1.
+
+    ``x_t`` is always the source's own trajectory, never the previous edited step, so an
+    edit's deviation cannot accumulate over steps. The rectified model runs under ``cond``
+    (the target) to its x0 estimate ``x0_hat``; ``L_dir = 1 - cos(E_I(x0_hat) - E_I(x0), direction)``
+    and ``L1 = mean |x0_hat - x0|``. ``embed`` is ``E_I``, images to ``(B, D)`` (CLIP's image
+    encoder in the paper); ``direction`` is ``E_T(target) - E_T(source)``, ``(D,)`` or ``(B, D)``;
+    ``source_embedding`` is ``E_I(x0)``, computed here when not given.
+    """
+    x_t = noised(x0, noise, t, alpha_bar)
+    eps = rectified_eps(model, rectifier, x_t, t, x0, alpha_bar, cond, weight_and_bias)
+    edited = predicted_x0(x_t, eps, t, alpha_bar)
+    if source_embedding is None:
+        with torch.no_grad():
+            source_embedding = embed(x0)
+    return directional_loss(embed(edited), source_embedding, direction), (edited - x0).abs().mean()
 
 
 def edit_training_loss(model: nn.Module, rectifier: Rectifier, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                       alpha_bar: torch.Tensor, embed: Callable[[torch.Tensor], torch.Tensor],
-                       target_direction: torch.Tensor, direction_weight: float = 1.0,
-                       l1_weight: float = 1.0) -> torch.Tensor:
-    """The editing objective (Eq. 6) at one step of Algorithm 1.
-
-    ``x_t`` is always the source's own trajectory, never the previous edited step, so an
-    edit's deviation cannot accumulate over steps. ``embed`` maps images to ``(B, D)``
-    (CLIP's image encoder in the paper) and ``target_direction`` is ``(D,)`` or ``(B, D)``
-    (the text-embedding change).
-    """
-    x_t = noised(x0, noise, t, alpha_bar)
-    edited = predicted_x0(x_t, rectified_eps(model, rectifier, x_t, t, x0, alpha_bar), t, alpha_bar)
-    with torch.no_grad():
-        source_embedding = embed(x0)
-    direction = directional_loss(embed(edited), source_embedding, target_direction)
-    return direction_weight * direction + l1_weight * (edited - x0).abs().mean()
+                       alpha_bar: torch.Tensor, embed: Callable[[torch.Tensor], torch.Tensor], direction: torch.Tensor,
+                       direction_weight: float = 1.0, l1_weight: float = 1.0, cond=None,
+                       source_embedding: torch.Tensor | None = None,
+                       weight_and_bias: WeightAndBias = own_weight_and_bias) -> torch.Tensor:
+    """The editing objective (Eq. 6): ``direction_weight * L_dir + l1_weight * L1`` (:func:`edit_loss_terms`)."""
+    directional, l1 = edit_loss_terms(model, rectifier, x0, t, noise, alpha_bar, embed, direction, cond,
+                                      source_embedding, weight_and_bias)
+    return direction_weight * directional + l1_weight * l1
 
 
-def _batches(data, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+def _batches(data, batch_size: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """``(x0, rows)`` per step: rows of a tensor drawn with replacement, or an iterable's own batches (rows None)."""
     if not isinstance(data, torch.Tensor):
-        yield from data
+        for batch in data:
+            yield batch, None
         return
     while True:
-        yield data[torch.randint(len(data), (batch_size,), generator=generator)]
+        rows = torch.randint(len(data), (batch_size,), generator=generator)
+        yield data[rows], rows
+
+
+def _timesteps_and_noise(x0: torch.Tensor, alpha_bar: torch.Tensor, generator: torch.Generator):
+    t = torch.randint(len(alpha_bar), (x0.shape[0],), generator=generator)
+    return t.to(x0.device), torch.randn(x0.shape, generator=generator).to(x0)
+
+
+def _rows(per_source, rows: torch.Tensor | None):
+    return None if per_source is None else per_source[rows.to(per_source.device)]
+
+
+def _require_per_source(name: str, values, sources) -> None:
+    if values is None:
+        return
+    if not isinstance(sources, torch.Tensor) or not isinstance(values, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor with one row per source, for sources given as a tensor")
+    if len(values) != len(sources):
+        raise ValueError(f"{name} has {len(values)} rows for {len(sources)} sources")
 
 
 def _require_trainable(name: str, module: nn.Module) -> None:
@@ -292,17 +360,60 @@ def _require_trainable(name: str, module: nn.Module) -> None:
         raise ValueError(f"{name} was created under torch.inference_mode; build it outside inference mode to train")
 
 
+def _require_finite_training(what: str, tensors: list[torch.Tensor], step: int, steps: int, lr: float) -> None:
+    """Stop at the first non-finite loss or weight, naming its likely cause.
+
+    Before any update only the input can be at fault (AdamW moves each weight by about ``lr``
+    at most, so finite gradients leave finite weights); once training has moved the weights,
+    a blow-up is the learning rate's.
+    """
+    if bool(torch.stack([torch.isfinite(tensor).all() for tensor in tensors]).all()):
+        return
+    if step == 1:
+        raise ValueError(f"{what} is not finite at the first step: the input (the sources, the condition or the "
+                         "edit direction) or the model's prediction for it holds NaN or inf")
+    raise ValueError(f"{what} is not finite at step {step} of {steps}: the learning rate {lr:g} is too high for this "
+                     "model and data; lower it")
+
+
+def _fit(rectifier: Rectifier, losses: Iterator[torch.Tensor], steps: int, lr: float, weight_decay: float,
+         progress) -> list[float]:
+    """AdamW on the rectifier alone, one step per loss ``losses`` yields (at most ``steps``); returns the losses."""
+    parameters = list(rectifier.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    history = []
+    for step, loss in zip(range(1, steps + 1), losses):
+        _require_finite_training("the training loss", [loss.detach()], step, steps, lr)
+        optimizer.zero_grad(set_to_none=True)
+        # Gradients go to the rectifier's parameters only: nothing accumulates in the base model
+        # or in an embedding network, whatever their requires_grad flags.
+        loss.backward(inputs=parameters)
+        optimizer.step()
+        _require_finite_training("the rectifier's weights", [parameter.detach() for parameter in parameters], step,
+                                 steps, lr)
+        history.append(loss.item())
+        if progress is not None:
+            progress(step, steps, history[-1])
+    return history
+
+
 def train_rectifier(model: nn.Module, rectifier: Rectifier, data, steps: int, lr: float = 1e-3,
                     alpha_bar: torch.Tensor | None = None, batch_size: int = 8, weight_decay: float = 1e-5,
-                    seed: int = 0, progress=None) -> list[float]:
+                    seed: int = 0, progress=None, conditions: torch.Tensor | None = None,
+                    weight_and_bias: WeightAndBias = own_weight_and_bias) -> list[float]:
     """Fit ``rectifier`` to ``model``'s noise-fitting loss with AdamW; returns the loss per step.
 
     ``data`` is a tensor of source images ``(N, C, H, W)``, sampled with replacement, or an
-    iterable of batches (training stops early if it runs out). Timesteps, noise and batches
-    come from ``seed``. ``progress(done, total, loss)`` is called after every step, so a host
-    can show the loss and stop the run by raising. Only the rectifier learns. Works when called under
-    ``torch.inference_mode()``: the run leaves it, and inference-mode inputs are only read
-    into new tensors, never saved for backward themselves.
+    iterable of batches (training stops early if it runs out). ``conditions``, for a tensor of
+    sources, holds one condition per source (e.g. class labels) for a model called as
+    ``model(x_t, t, cond)``; without it the model is called as ``model(x_t, t)``. Timesteps,
+    noise and batches come from ``seed``. ``progress(done, total, loss)`` is called after every
+    step, so a host can show the loss and stop the run by raising. Only the rectifier learns.
+
+    Training stops with a ``ValueError`` at the first non-finite loss or weight, blaming the
+    input at the first step and the learning rate after it, so it never returns a rectifier
+    with NaN or inf weights. Works when called under ``torch.inference_mode()``: the run leaves
+    it, and inference-mode inputs are only read into new tensors, never saved for backward.
     """
     require_at_least("steps", steps, 1)
     require_positive("lr", lr)
@@ -312,33 +423,121 @@ def train_rectifier(model: nn.Module, rectifier: Rectifier, data, steps: int, lr
     with torch.inference_mode(False), torch.enable_grad():
         if isinstance(data, torch.Tensor):
             require_finite_tensor("data", data)
+        _require_per_source("conditions", conditions, data)
         generator = torch.Generator().manual_seed(seed)
-        optimizer = torch.optim.AdamW(rectifier.parameters(), lr=lr, weight_decay=weight_decay)
-        history = []
-        for step, x0 in zip(range(steps), _batches(data, batch_size, generator)):
-            t = torch.randint(len(alpha_bar), (x0.shape[0],), generator=generator)
-            noise = torch.randn(x0.shape, generator=generator).to(x0)
-            loss = noise_fitting_loss(model, rectifier, x0, t.to(x0.device), noise, alpha_bar.to(x0.device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            history.append(loss.item())
-            if progress is not None:
-                progress(step + 1, steps, history[-1])
+
+        def losses():
+            for x0, rows in _batches(data, batch_size, generator):
+                t, noise = _timesteps_and_noise(x0, alpha_bar, generator)
+                yield noise_fitting_loss(model, rectifier, x0, t, noise, alpha_bar.to(x0.device),
+                                         _rows(conditions, rows), weight_and_bias)
+
+        history = _fit(rectifier, losses(), steps, lr, weight_decay, progress)
+    rectifier.training_runs.append({"objective": "noise fitting", "steps": len(history), "lr": lr,
+                               "batch_size": batch_size, "weight_decay": weight_decay, "seed": seed,
+                               "final_loss": history[-1]})
+    return history
+
+
+def _per_source_direction(direction: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
+    require_finite_tensor("direction", direction)
+    if direction.ndim == 1:
+        direction = direction.expand(len(sources), -1)
+    if direction.ndim != 2 or len(direction) != len(sources):
+        raise ValueError(f"direction must be (D,) or one row per source ({len(sources)}, D), "
+                         f"got {tuple(direction.shape)}")
+    zero = (direction.norm(dim=1) == 0).nonzero().flatten()
+    if len(zero):
+        raise ValueError(f"direction is zero for source {int(zero[0])}: its target and source text embeddings are "
+                         "equal, so there is no change to align the edit with")
+    return direction
+
+
+def train_edit_rectifier(model: nn.Module, rectifier: Rectifier, sources: torch.Tensor,
+                         embed: Callable[[torch.Tensor], torch.Tensor], direction: torch.Tensor, steps: int,
+                         lr: float = 1e-3, alpha_bar: torch.Tensor | None = None, targets: torch.Tensor | None = None,
+                         batch_size: int = 8, direction_weight: float = 1.0, l1_weight: float = 1.0,
+                         weight_decay: float = 0.0, seed: int = 0, progress=None,
+                         weight_and_bias: WeightAndBias = own_weight_and_bias) -> list[float]:
+    """Train ``rectifier`` for an edit, the paper's way (Algorithm 1, Eq. 6); returns the loss per step.
+
+    Each step draws a batch of ``sources`` ``(N, C, H, W)`` with replacement, noises it to a
+    random timestep along its own trajectory (never from a previous edited step), runs the
+    rectified model under the target condition to its x0 estimate ``x0_hat`` and takes an AdamW
+    step on ``direction_weight * L_dir + l1_weight * L1(x0_hat, x0)`` (:func:`edit_loss_terms`).
+
+    - ``embed`` is ``E_I``: images in the model's space to ``(B, D)``. It gets no gradient of its
+      own; the sources' embeddings are computed once, before the first step.
+    - ``direction`` is ``E_T(target) - E_T(source)``: ``(D,)`` for every source, or ``(N, D)``.
+    - ``targets`` holds one target condition per source (e.g. class labels) for a model called
+      as ``model(x_t, t, cond)``; ``None`` is for a model that runs under the target itself.
+
+    The paper starts from a reconstruction-trained rectifier and uses weight decay 0. Seeding,
+    ``progress``, inference mode and the stop at the first non-finite loss or weight are as in
+    :func:`train_rectifier`.
+    """
+    require_at_least("steps", steps, 1)
+    require_positive("lr", lr)
+    for name, weight in (("direction_weight", direction_weight), ("l1_weight", l1_weight)):
+        require_non_negative(name, weight)
+    alpha_bar = ddpm_alpha_bar() if alpha_bar is None else alpha_bar
+    _require_trainable("rectifier", rectifier)
+    _require_trainable("model", model)
+    with torch.inference_mode(False), torch.enable_grad():
+        require_finite_tensor("sources", sources)
+        direction = _per_source_direction(direction, sources)
+        _require_per_source("targets", targets, sources)
+        with torch.no_grad():
+            source_embeddings = torch.cat([embed(chunk) for chunk in sources.split(batch_size)])
+        require_finite_tensor("the sources' image embeddings", source_embeddings)
+        if source_embeddings.shape[1:] != direction.shape[1:]:
+            raise ValueError(f"embed gives image embeddings of width {source_embeddings.shape[1]} but direction has "
+                             f"width {direction.shape[1]}: both must live in one embedding space")
+        generator = torch.Generator().manual_seed(seed)
+        alpha_bar = alpha_bar.to(sources.device)
+
+        def losses():
+            for x0, rows in _batches(sources, batch_size, generator):
+                t, noise = _timesteps_and_noise(x0, alpha_bar, generator)
+                rows = rows.to(sources.device)
+                yield edit_training_loss(model, rectifier, x0, t, noise, alpha_bar, embed, direction[rows],
+                                         direction_weight, l1_weight, _rows(targets, rows), source_embeddings[rows],
+                                         weight_and_bias)
+
+        history = _fit(rectifier, losses(), steps, lr, weight_decay, progress)
+    rectifier.training_runs.append({"objective": "edit", "steps": len(history), "lr": lr, "batch_size": batch_size,
+                               "weight_decay": weight_decay, "seed": seed, "direction_weight": direction_weight,
+                               "l1_weight": l1_weight, "final_loss": history[-1]})
     return history
 
 
 # --- files -------------------------------------------------------------------------------------
 
 
+def require_finite_rectifier(rectifier: Rectifier, name: str = "rectifier") -> None:
+    """Refuse a rectifier with NaN or inf weights, naming the file it came from."""
+    state = rectifier.state_dict()
+    broken = [key for key, value in state.items() if not torch.isfinite(value).all()]
+    if broken:
+        origin = rectifier.origin or "not saved to a file"
+        raise ValueError(f"{name} ({origin}) has NaN or inf weights in {len(broken)} of {len(state)} tensors "
+                         f"(first {broken[0]}): it was trained on non-finite input or with too high a learning "
+                         "rate; train it again")
+
+
 def save_rectifier(rectifier: Rectifier, path: str) -> None:
-    """Write the weights as safetensors, with what :func:`load_rectifier` needs to rebuild and check it."""
+    """Write the weights as safetensors, with what :func:`load_rectifier` needs to rebuild and check it.
+
+    A rectifier with NaN or inf weights is refused before anything is written.
+    """
+    require_finite_rectifier(rectifier)
     metadata = {
         "format": "ngdm-rectifier",
         "format_version": FORMAT_VERSION,
         "targets": json.dumps(rectifier.targets),
         "shape_signature": json.dumps(rectifier.shapes),
         "config": json.dumps(rectifier.config),
+        "training": json.dumps(rectifier.training_runs),
     }
     tensors = {key: value.detach().contiguous() for key, value in rectifier.state_dict().items()}
     save_file(tensors, path, metadata=metadata)
@@ -368,10 +567,14 @@ def require_fits(rectifier: Rectifier, model: nn.Module) -> None:
 
 
 def read_rectifier(path: str) -> Rectifier:
-    """Rebuild a saved rectifier; check it against a model with :func:`require_fits` before use."""
+    """Rebuild a saved rectifier, refusing one with NaN or inf weights; check it against a model with
+    :func:`require_fits` before use. Files written before training was recorded read with no record."""
     metadata = _read_metadata(path)
     rectifier = Rectifier(json.loads(metadata["shape_signature"]), **json.loads(metadata["config"]))
     rectifier.load_state_dict(load_file(path))
+    rectifier.training_runs = json.loads(metadata.get("training", "[]"))
+    rectifier.origin = path
+    require_finite_rectifier(rectifier)
     return rectifier
 
 

@@ -1,23 +1,31 @@
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
-from ngdm_core.rectifier import (Rectifier, SeparableConvModulation, conv_targets, ddpm_alpha_bar, edit_training_loss,
-                                 load_rectifier, noise_fitting_loss, noised, predicted_x0, predicted_x0_at,
-                                 read_rectifier, rectified, rectified_eps, require_fits, save_rectifier,
-                                 separable_offset, timestep_embedding, train_rectifier)
-from ngdm_core.shapes.data import HELD_OUT_SEED, make_batch
-from ngdm_core.shapes.model import NULL_CLASS, UNET_FILE, ShapesUNet, load_model
+from ngdm_core.rectifier import (Rectifier, SeparableConvModulation, conv_targets, ddpm_alpha_bar, edit_loss_terms,
+                                 edit_training_loss, load_rectifier, noise_fitting_loss, noised, predicted_x0,
+                                 predicted_x0_at, read_rectifier, rectified, rectified_eps, require_fits,
+                                 save_rectifier, separable_offset, timestep_embedding, train_edit_rectifier,
+                                 train_rectifier)
+from ngdm_core.shapes.data import HELD_OUT_SEED, make_batch, other_class
+from ngdm_core.shapes.model import NULL_CLASS, UNET_FILE, ShapesDenoiser, ShapesUNet, load_classifier, load_model
+from ngdm_core.shapes.rectifier import (RectifiedShapesDenoiser, class_embeddings, edit_directions, image_features,
+                                        new_rectifier as new_shapes_rectifier)
 
 CHANNELS = 3
+CLASSES = 3
 SIZE = 16
 TARGETS = ["mid", "up.1", "out"]
 ALPHA_BAR = ddpm_alpha_bar()
 
 
 class TinyEpsNet(nn.Module):
-    """A random-weight U-Net-shaped eps predictor: down, middle, up with a skip."""
+    """A random-weight U-Net-shaped eps predictor: down, middle, up with a skip, optionally class-conditioned."""
 
     def __init__(self, width: int = 16, mid_kernel: int = 3):
         super().__init__()
@@ -27,9 +35,12 @@ class TinyEpsNet(nn.Module):
         self.mid = nn.Conv2d(width, width, mid_kernel, padding=mid_kernel // 2)
         self.up = nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(width, width, 3, padding=1))
         self.out = nn.Conv2d(2 * width, CHANNELS, 3, padding=1)
+        # Made last, so the layers above draw the same initial weights as before it existed.
+        self.classes = nn.Embedding(CLASSES, width)
 
-    def forward(self, x, t):
-        skip = F.silu(self.inp(x) + self.time(timestep_embedding(t, 16))[:, :, None, None])
+    def forward(self, x, t, cond=None):
+        embedding = self.time(timestep_embedding(t, 16)) + (0 if cond is None else self.classes(cond))
+        skip = F.silu(self.inp(x) + embedding[:, :, None, None])
         h = F.silu(self.up(F.silu(self.mid(F.silu(self.down(skip))))))
         return self.out(torch.cat([h, skip], dim=1))
 
@@ -216,15 +227,18 @@ def test_training_lowers_the_held_out_noise_fitting_loss(trained):
     assert len(history) == 300 and sum(history[-10:]) < 0.5 * sum(history[:10])
 
 
-def ddim_reconstruction_error(model, rectifier, x0, t_start=500, steps=5):
-    """SDEdit-like: noise ``x0`` to ``t_start`` with a fixed seed, denoise with DDIM, return the MSE."""
+def ddim_reconstruction_error(model, rectifier, x0, t_start=500, steps=5, cond=None):
+    """SDEdit-like: noise ``x0`` to ``t_start`` with a fixed seed, denoise with DDIM under ``cond``, return the MSE."""
     timesteps = torch.linspace(t_start, 0, steps + 1).long()
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(11))
     x = noised(x0, noise, timesteps[0].repeat(len(x0)), ALPHA_BAR)
     with torch.no_grad():
         for now, after in zip(timesteps[:-1], timesteps[1:]):
             t = now.repeat(len(x0))
-            eps = model(x, t) if rectifier is None else rectified_eps(model, rectifier, x, t, x0, ALPHA_BAR)
+            if rectifier is None:
+                eps = model(x, t) if cond is None else model(x, t, cond)
+            else:
+                eps = rectified_eps(model, rectifier, x, t, x0, ALPHA_BAR, cond)
             estimate = predicted_x0(x, eps, t, ALPHA_BAR)
             x = estimate if after == 0 else ALPHA_BAR[after].sqrt() * estimate + (1 - ALPHA_BAR[after]).sqrt() * eps
     return ((x - x0) ** 2).mean().item()
@@ -289,7 +303,7 @@ def test_edit_training_loss_is_a_scalar_whose_gradient_reaches_only_the_rectifie
     projection = torch.randn(CHANNELS * SIZE * SIZE, 8, generator=torch.Generator().manual_seed(2))
     x0, t, noise = held_out()
     loss = edit_training_loss(model, rectifier, x0, t, noise, ALPHA_BAR, embed=lambda image: image.flatten(1) @ projection,
-                              target_direction=torch.randn(8))
+                              direction=torch.randn(8))
     assert loss.shape == ()
     loss.backward()
     assert all(parameter.grad is None for parameter in model.parameters())
@@ -330,32 +344,30 @@ def test_a_rectifier_read_without_a_model_is_checked_before_use(trained, tmp_pat
         require_fits(loaded, make_model(mid_kernel=5))
 
 
-class UnconditionalShapesEps(nn.Module):
-    """The shipped shapes U-Net's unconditional branch as the rectifier's ``model(x_t, t) -> eps``."""
-
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, x, t):
-        return self.unet(x, t, torch.full((x.shape[0],), NULL_CLASS))
-
-
-def test_a_rectifier_makes_the_shipped_shapes_model_more_faithful_to_its_sources():
-    model = UnconditionalShapesEps(load_model(ShapesUNet, UNET_FILE))
+@pytest.fixture(scope="module")
+def shapes_reconstruction():
+    """The shipped shapes U-Net, and a rectifier trained 200 steps to reconstruct 8 held-out sources under the
+    unconditional branch (the empty prompt of the ComfyUI example), with its held-out figures before and after."""
+    unet = load_model(ShapesUNet, UNET_FILE)
     sources = make_batch(HELD_OUT_SEED, 8).images
-    torch.manual_seed(1)
-    rectifier = Rectifier.for_model(model, conv_targets(model, ("unet.middle", "unet.up")), 3, width=16,
-                                    feature_dim=32, time_dim=16)
+    unconditional = torch.full((len(sources),), NULL_CLASS)
+    rectifier = new_shapes_rectifier(unet, seed=1)
     t = torch.linspace(50, 950, 8).long()
     noise = torch.randn(sources.shape, generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        loss_before = noise_fitting_loss(model, rectifier, sources, t, noise, ALPHA_BAR).item()
-    error_before = ddim_reconstruction_error(model, rectifier, sources, steps=10)
-    train_rectifier(model, rectifier, sources, steps=200, lr=3e-3, alpha_bar=ALPHA_BAR, batch_size=8, seed=0)
-    with torch.no_grad():
-        loss_after = noise_fitting_loss(model, rectifier, sources, t, noise, ALPHA_BAR).item()
-    error_after = ddim_reconstruction_error(model, rectifier, sources, steps=10)
+
+    def figures():
+        with torch.no_grad():
+            loss = noise_fitting_loss(unet, rectifier, sources, t, noise, ALPHA_BAR, unconditional).item()
+        return loss, ddim_reconstruction_error(unet, rectifier, sources, steps=10, cond=unconditional)
+
+    before = figures()
+    train_rectifier(unet, rectifier, sources, steps=200, lr=3e-3, alpha_bar=ALPHA_BAR, batch_size=8, seed=0,
+                    conditions=unconditional)
+    return unet, rectifier, before, figures()
+
+
+def test_a_rectifier_makes_the_shipped_shapes_model_more_faithful_to_its_sources(shapes_reconstruction):
+    _, _, (loss_before, error_before), (loss_after, error_after) = shapes_reconstruction
     print(f"shapes model: held-out loss {loss_before:.4f} -> {loss_after:.4f} ({loss_after / loss_before:.2f}), "
           f"SDEdit MSE {error_before:.4f} -> {error_after:.4f} ({error_after / error_before:.2f})")
     # A trained model already fits noise well (0.019 here), so the gain is smaller than on the
@@ -363,3 +375,194 @@ def test_a_rectifier_makes_the_shipped_shapes_model_more_faithful_to_its_sources
     # SDEdit MSE ratios 0.79, 0.74, 0.85 (0.061 -> 0.048 for this one).
     assert loss_after < 0.9 * loss_before
     assert error_after < 0.93 * error_before
+
+
+# --- edit training --------------------------------------------------------------------------------
+
+
+def tiny_edit_task(seed=2):
+    """Sources, a frozen linear image embedding whose weights would take gradients, and per-source directions."""
+    sources = blob_images(8, seed=3)
+    embedding = nn.Linear(CHANNELS * SIZE * SIZE, 8)
+    with torch.no_grad():
+        embedding.weight.copy_(torch.randn(embedding.weight.shape, generator=torch.Generator().manual_seed(seed)))
+    direction = torch.randn(len(sources), 8, generator=torch.Generator().manual_seed(seed + 1))
+    targets = torch.arange(len(sources)) % CLASSES
+    return sources, (lambda images: embedding(images.flatten(1))), embedding, direction, targets
+
+
+def test_edit_training_reaches_only_the_rectifier_and_leaves_the_base_model_bit_for_bit():
+    model = make_model()
+    before = state_copy(model)
+    rectifier = make_rectifier(model)
+    initial = state_copy(rectifier)
+    sources, embed, embedding, direction, targets = tiny_edit_task()
+    embedding_before = state_copy(embedding)
+    history = train_edit_rectifier(model, rectifier, sources, embed, direction, steps=5, lr=1e-3, alpha_bar=ALPHA_BAR,
+                                   targets=targets, batch_size=4)
+    assert len(history) == 5
+    assert all(parameter.grad is None for parameter in model.parameters())
+    assert all(parameter.grad is None for parameter in embedding.parameters())
+    assert_untouched(model, before)
+    for key, value in embedding.state_dict().items():
+        assert torch.equal(value, embedding_before[key]), key
+    assert any(not torch.equal(value, initial[key]) for key, value in rectifier.state_dict().items())
+
+
+def test_edit_training_is_seeded_and_recorded_in_the_saved_file(tmp_path):
+    def run(seed):
+        model = make_model()
+        rectifier = make_rectifier(model)
+        sources, embed, _, direction, targets = tiny_edit_task()
+        train_rectifier(model, rectifier, sources, steps=2, batch_size=4, seed=seed)
+        history = train_edit_rectifier(model, rectifier, sources, embed, direction, steps=3, targets=targets,
+                                       batch_size=4, seed=seed, direction_weight=2.0, l1_weight=0.5)
+        return rectifier, history
+
+    rectifier, history = run(4)
+    assert history == run(4)[1] and history != run(5)[1]
+    save_rectifier(rectifier, str(tmp_path / "edit.safetensors"))
+    loaded = read_rectifier(str(tmp_path / "edit.safetensors"))
+    assert [stage["objective"] for stage in loaded.training_runs] == ["noise fitting", "edit"]
+    assert loaded.training_runs[1] == {"objective": "edit", "steps": 3, "lr": 1e-3, "batch_size": 4, "weight_decay": 0.0,
+                                  "seed": 4, "direction_weight": 2.0, "l1_weight": 0.5, "final_loss": history[-1]}
+    assert loaded.origin == str(tmp_path / "edit.safetensors")
+
+
+def test_the_edit_runs_under_the_target_condition():
+    model, rectifier = make_model(), None
+    rectifier = make_rectifier(model)
+    sources, embed, _, direction, _ = tiny_edit_task()
+    x0, t, noise = sources[:4], torch.tensor([100, 300, 500, 700]), torch.randn(4, CHANNELS, SIZE, SIZE)
+    losses = {cond: edit_loss_terms(model, rectifier, x0, t, noise, ALPHA_BAR, embed, direction[:4],
+                                    torch.full((4,), cond)) for cond in range(CLASSES)}
+    # An untrained rectifier is the identity: x0_hat is the plain model's under each target, and differs by target.
+    assert losses[0][1] != losses[1][1] != losses[2][1]
+    x_t = noised(x0, noise, t, ALPHA_BAR)
+    plain = predicted_x0(x_t, model(x_t, t, torch.full((4,), 2)), t, ALPHA_BAR)
+    torch.testing.assert_close(losses[2][1], (plain - x0).abs().mean(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("objective", ["noise fitting", "edit"])
+def test_a_blow_up_stops_training_naming_the_learning_rate_and_leaves_nothing_to_save(objective, tmp_path):
+    model = make_model()
+    rectifier = make_rectifier(model)
+    sources, embed, _, direction, targets = tiny_edit_task()
+    saved = tmp_path / "never.safetensors"
+    # AdamW moves each weight by about lr per step: 1e30 makes the second step's loss overflow.
+    with pytest.raises(ValueError, match=r"is not finite at step \d+ of 20: the learning rate 1e\+30 is too high"):
+        if objective == "edit":
+            train_edit_rectifier(model, rectifier, sources, embed, direction, steps=20, lr=1e30, targets=targets,
+                                 batch_size=4)
+        else:
+            train_rectifier(model, rectifier, sources, steps=20, lr=1e30, batch_size=4)
+        save_rectifier(rectifier, str(saved))
+    assert not saved.exists()
+
+
+def test_a_non_finite_input_stops_training_at_the_first_step_naming_the_input():
+    model = make_model()
+    sources, embed, _, direction, targets = tiny_edit_task()
+    with torch.no_grad():
+        model.classes.weight[1] = float("nan")  # the model's prediction for condition 1 is NaN
+    for train in (lambda rectifier: train_rectifier(model, rectifier, sources, steps=3, batch_size=4,
+                                                    conditions=torch.ones(len(sources), dtype=torch.long)),
+                  lambda rectifier: train_edit_rectifier(model, rectifier, sources, embed, direction, steps=3,
+                                                         targets=torch.ones(len(sources), dtype=torch.long))):
+        with pytest.raises(ValueError, match="not finite at the first step: the input .* holds NaN or inf"):
+            train(make_rectifier(model))
+    nan_direction = direction.clone()
+    nan_direction[3, 0] = float("nan")
+    with pytest.raises(ValueError, match="direction contains NaN or inf"):
+        train_edit_rectifier(model, make_rectifier(model), sources, embed, nan_direction, steps=1, targets=targets)
+    with pytest.raises(ValueError, match="direction is zero for source 2"):
+        train_edit_rectifier(model, make_rectifier(model), sources, embed, direction * (torch.arange(8) != 2)[:, None],
+                             steps=1, targets=targets)
+    with pytest.raises(ValueError, match="embed gives image embeddings of width 8 but direction has width 5"):
+        train_edit_rectifier(model, make_rectifier(model), sources, embed, direction[:, :5], steps=1, targets=targets)
+    with pytest.raises(ValueError, match="targets has 3 rows for 8 sources"):
+        train_edit_rectifier(model, make_rectifier(model), sources, embed, direction, steps=1, targets=targets[:3])
+
+
+def test_non_finite_rectifiers_are_neither_saved_nor_read(trained, tmp_path):
+    model, rectifier, _, _ = trained
+    broken = make_rectifier(model)
+    with torch.no_grad():
+        broken.subnets[0].in_head.bias[0] = float("inf")
+    with pytest.raises(ValueError, match=r"rectifier \(not saved to a file\) has NaN or inf weights in 1 of"):
+        save_rectifier(broken, str(tmp_path / "broken.safetensors"))
+    assert not (tmp_path / "broken.safetensors").exists()
+    # A file written some other way is refused on reading, naming it.
+    save_rectifier(rectifier, str(tmp_path / "good.safetensors"))
+    state = {key: value.clone() for key, value in rectifier.state_dict().items()}
+    state["subnets.0.in_head.bias"][0] = float("nan")
+    with safe_open(str(tmp_path / "good.safetensors"), framework="pt") as file:
+        metadata = file.metadata()
+    save_file(state, str(tmp_path / "nan.safetensors"), metadata=metadata)
+    with pytest.raises(ValueError, match=r"rectifier \(.*nan.safetensors\) has NaN or inf weights in 1 of .* "
+                                         r"\(first subnets.0.in_head.bias\)"):
+        read_rectifier(str(tmp_path / "nan.safetensors"))
+
+
+def test_the_modulated_conv_computes_with_the_weights_the_host_gives():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    x, in_factor, out_factor = torch.randn(2, 4, 5, 5), torch.randn(2, 1, 4, 3, 3), torch.randn(2, 6, 1, 3, 3)
+    # A host that patches weights on the fly (a LoRA-like delta) and keeps the bias.
+    delta = torch.randn(conv.weight.shape)
+    patched = SeparableConvModulation(conv, weight_and_bias=lambda c, inp: (c.weight + delta, c.bias))
+    reference = nn.Conv2d(4, 6, 3, padding=1)
+    with torch.no_grad():
+        reference.weight.copy_(conv.weight + delta)
+        reference.bias.copy_(conv.bias)
+    torch.testing.assert_close(patched(x, in_factor, out_factor), SeparableConvModulation(reference)(x, in_factor, out_factor),
+                               rtol=0, atol=1e-6)
+
+
+# --- edit training on the shipped shapes model -------------------------------------------------------
+
+
+def test_untrained_rectifier_leaves_the_shapes_denoiser_as_it_was():
+    unet = load_model(ShapesUNet, UNET_FILE)
+    batch = make_batch(HELD_OUT_SEED, 4, start=300)
+    x = batch.images + 2.0 * torch.randn(batch.images.shape, generator=torch.Generator().manual_seed(0))
+    rectified = RectifiedShapesDenoiser(unet, new_shapes_rectifier(unet), batch.images)
+    plain = ShapesDenoiser(unet)
+    for cond in (None, batch.labels):
+        torch.testing.assert_close(rectified(x, 2.0, cond), plain(x, 2.0, cond), rtol=0, atol=1e-5)
+
+
+def test_edit_training_on_the_shapes_model_aligns_edits_with_the_class_change_and_keeps_the_source(
+        shapes_reconstruction):
+    unet, reconstruction, _, _ = shapes_reconstruction
+    classifier = load_classifier()
+    embed, class_features = image_features(classifier), class_embeddings(classifier)
+    training = make_batch(HELD_OUT_SEED, 16)
+    targets = other_class(training.labels)
+    held_out = make_batch(HELD_OUT_SEED, 24, start=300)
+    held_out_targets = other_class(held_out.labels)
+    t = torch.linspace(50, 950, 24).long()
+    noise = torch.randn(held_out.images.shape, generator=torch.Generator().manual_seed(5))
+    directions = edit_directions(class_features, held_out.labels, held_out_targets)
+
+    def held_out_losses(rectifier):
+        with torch.no_grad():
+            return [term.item() for term in edit_loss_terms(unet, rectifier, held_out.images, t, noise, ALPHA_BAR, embed,
+                                                            directions, held_out_targets)]
+
+    start, recon_l1 = held_out_losses(reconstruction)
+    rectifier = copy.deepcopy(reconstruction)
+    # The paper's settings (both weights 1, no weight decay, from the reconstruction-trained rectifier) but for
+    # lr 2e-3: at its 1e-3, 200 steps reach directional ratios of 0.843, 0.901 and 0.872 for seeds 0, 1, 2.
+    train_edit_rectifier(unet, rectifier, training.images, embed,
+                         edit_directions(class_features, training.labels, targets), steps=200, lr=2e-3,
+                         alpha_bar=ALPHA_BAR, targets=targets, batch_size=8, seed=0)
+    after, edit_l1 = held_out_losses(rectifier)
+    print(f"shapes model, held out: directional loss {start:.4f} -> {after:.4f} ({after / start:.3f}); L1 to the "
+          f"source under the target: reconstruction-trained {recon_l1:.4f}, edit-trained {edit_l1:.4f} "
+          f"({edit_l1 / recon_l1:.3f})")
+    # Measured for seeds 0, 1, 2: directional ratios 0.813, 0.820, 0.842 and L1 ratios 1.032, 0.982, 0.987: the
+    # edit moves the estimate along the class change and keeps it as near the source as reconstruction does, within
+    # the 6% allowed here.
+    assert after < 0.9 * start
+    assert edit_l1 < 1.06 * recon_l1

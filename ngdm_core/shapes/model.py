@@ -131,13 +131,17 @@ class ShapesDenoiser:
         timesteps = torch.linspace(len(self.schedule_sigmas) - 1, 0, steps).round().long()
         return torch.cat([self.schedule_sigmas[timesteps], torch.zeros(1)])
 
+    def eps(self, x_t: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The noise prediction at the DDPM state ``x_t`` of k-diffusion noise level ``sigma``."""
+        return self.unet(x_t, self.timestep(sigma), labels)
+
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, sigma, cond=None) -> torch.Tensor:
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0])
         labels = torch.as_tensor(NULL_CLASS if cond is None else cond, device=x.device).reshape(-1)
         labels = labels.repeat(x.shape[0] // labels.numel())
         scaled = x / per_item((1 + sigma**2).sqrt(), x)
-        eps = self.unet(scaled, self.timestep(sigma), labels.long())
+        eps = self.eps(scaled, sigma, labels.long())
         # Clipped to the data range, as DDPM's pixel-space samplers do: at sigma ~ 157 any error
         # in eps is magnified 157 times, and unclipped predictions drift to saturated colours.
         return (x - per_item(sigma, x) * eps).clamp(-1, 1)

@@ -17,5 +17,6 @@ def test_the_example_workflows_are_served_as_templates(host):
     folder = os.path.join(host.PACK_ROOT, "example_workflows")
     names = sorted(f for f in os.listdir(folder) if f.endswith(".json"))
     assert names == ["edge_preserving_stroke_img2img.json", "edit_friendly_edit.json", "ngdm_controlnet_edit.json", "ngdm_edit_friendly_edit.json",
-                     "ngdm_ksampler_edit.json", "ngdm_text_edit.json", "rectifier_reconstruct_edit.json",
+                     "ngdm_ksampler_edit.json", "ngdm_text_edit.json", "rectifier_edit_training.json",
+                     "rectifier_reconstruct_edit.json",
                      "region_direction_edit.json"]

@@ -1,3 +1,4 @@
+import copy
 import os
 
 import pytest
@@ -75,13 +76,13 @@ def wider_model(host):
                                             offload_device=comfy.model_management.unet_offload_device())
 
 
-@pytest.fixture(scope="module")
-def trained(host):
-    """One training run (30 steps) shared by the tests that need a trained rectifier: the model
-    (weights made under inference mode, as a checkpoint loader leaves them), its weights before
-    training, the sources and the rectifier."""
+@pytest.fixture(scope="module", params=["eps", "v_prediction"])
+def trained(host, request):
+    """One training run (30 steps) per prediction type, shared by the tests that need a trained rectifier: the
+    model (weights made under inference mode, as a checkpoint loader leaves them), its weights before training, the
+    sources and the rectifier."""
     with torch.inference_mode():
-        model = host.tiny_model("eps")
+        model = host.tiny_model(request.param)
         before = {name: value.clone() for name, value in model.model.state_dict().items()}
         samples = smooth_latents(4)
         return model, before, samples, train(host, model, samples)
@@ -102,8 +103,9 @@ def test_training_lowers_the_noise_fitting_loss_and_saves_a_loadable_file(host, 
         plain = core.noise_fitting_loss(unet, untrained(host, model), x0, t, noise, alpha_bar).item()
         rectified = core.noise_fitting_loss(unet, rectifier, x0, t, noise, alpha_bar).item()
     print(f"held-out-noise loss: plain {plain:.4f}, rectified {rectified:.4f}")
-    # Measured 1.180 -> 0.520 and 0.528 (ratios 0.44, 0.45) for seeds 0 and 1 after 30 steps at
-    # 3e-3; 0.7 fails a rectifier that learned little while leaving room for rounding.
+    # Measured for EPS 1.180 -> 0.520 and 0.528 (ratios 0.44, 0.45) for seeds 0 and 1 after 30
+    # steps at 3e-3, and for V-prediction 0.313 -> 0.181 (0.58); 0.7 fails a rectifier that
+    # learned little while leaving room for rounding.
     assert rectified < 0.7 * plain
 
     names = [name for name in folder_paths.get_filename_list("rectifiers") if name.startswith("test")]
@@ -123,15 +125,16 @@ def test_trained_rectifier_lowers_the_sdedit_reconstruction_error(host, trained)
     assert rectified < 0.7 * plain
 
 
-def test_an_untrained_rectifier_leaves_the_prediction_unchanged(host):
+@pytest.mark.parametrize("kind", ["eps", "v_prediction"])
+def test_an_untrained_rectifier_leaves_the_prediction_unchanged(host, kind):
     with torch.inference_mode():
-        model = host.tiny_model("eps")
+        model = host.tiny_model(kind)
         rectifier, source = untrained(host, model), smooth_latents(1)
         x = torch.randn(2, 4, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
         # The U-Net's own output, through the wrapper RectifierApply installs.
         unet = model.model.diffusion_model
-        rectify = host.pack_module("nodes.rectifier").rectifier_wrapper(model.model, rectifier,
-                                                                        model.model.process_latent_in(source))
+        rectify = host.pack_module("nodes.rectifier").rectifier_wrapper(
+            model.model, model.get_model_object("model_sampling"), rectifier, model.model.process_latent_in(source))
         t, context = torch.tensor([500.0, 500.0]), host.tiny_conditioning("prompt")[0][0].repeat(2, 1, 1)
         plain = unet(x, t, context)
         # One sample makes the grouped conv the plain one, so nothing is left to round differently.
@@ -212,11 +215,10 @@ def test_a_rectifier_for_another_model_shape_is_refused(host):
             apply(wider_model(host), rectifier, smooth_latents(1))
 
 
-@pytest.mark.parametrize("kind", ["flow", "v_prediction"])
-def test_models_that_do_not_predict_noise_are_refused(host, kind):
-    model = host.tiny_model(kind)
+def test_models_that_predict_neither_noise_nor_v_are_refused(host):
+    model = host.tiny_model("flow")
     rectifier = untrained(host, host.tiny_model("eps"))
-    message = "model: the rectifier supports U-Net models that predict noise .* This model is UNetModel with"
+    message = r"model: the rectifier supports U-Net models that predict noise \(EPS\) or v .* This model is UNetModel with"
     with pytest.raises(ValueError, match=message):
         train(host, model, smooth_latents(2), steps=1)
     with pytest.raises(ValueError, match=message):
@@ -249,11 +251,16 @@ def test_training_reports_progress_and_the_loss_and_honours_cancel(host, monkeyp
             texts.append((node_id, text))
 
     monkeypatch.setattr(server.PromptServer, "instance", Server(), raising=False)
-    report = host.pack_module("nodes.rectifier").loss_reporter(40, "7")
+    now = [0.0]
+    report = host.pack_module("nodes.rectifier").loss_reporter(40, "7", clock=lambda: now[0])
     for step in range(1, 41):
+        now[0] = 3.0 * step  # a step takes 3 s
         report(step, 40, 1.0 / step)
-    assert texts[0] == ("7", "step 2/40: loss 0.5000") and texts[-1] == ("7", "step 40/40: loss 0.0250")
-    assert len(texts) == 20
+    # From the first step on, the text says how long the run will take.
+    assert texts[0] == ("7", "step 1/40: loss 1.0000, about 2 min left at 3.00 s a step")
+    assert texts[-2] == ("7", "step 38/40: loss 0.0263, about 6 s left at 3.00 s a step")
+    assert texts[-1] == ("7", "step 40/40: loss 0.0250, took 2 min")
+    assert len(texts) == 21
 
 
 def test_a_cancelled_training_saves_nothing(host):
@@ -292,3 +299,227 @@ def test_the_example_workflow_trains_applies_and_samples_under_the_executor(host
     guider["inputs"].update(positive=invert["inputs"]["positive"], cfg=invert["inputs"]["source_cfg"])
     reconstruction = host.run_prompt(without_output(prompt, "rectifier_sdedit"))
     assert (reconstruction["output"]["samples"] - source).abs().max().item() <= 1e-4
+
+
+# --- safe to train and apply --------------------------------------------------------------------
+
+
+def saved_names(prefix):
+    import folder_paths
+    return [name for name in folder_paths.get_filename_list("rectifiers") if name.startswith(prefix)]
+
+
+def test_a_blow_up_or_a_nan_prompt_stops_training_with_the_cause_and_saves_nothing(host):
+    model = host.tiny_model("eps")
+    # learning_rate 1.0 is the widget's maximum; it once saved an all-NaN rectifier.
+    with pytest.raises(ValueError, match=r"is not finite at step \d+ of 30: the learning rate 1 is too high"):
+        train(host, model, smooth_latents(4), learning_rate=1.0, filename_prefix="blown/rectifier")
+    nan_prompt = host.tiny_conditioning("")
+    nan_prompt[0][0][0, 3, 5] = float("nan")
+    with pytest.raises(ValueError, match="not finite at the first step: the input .* holds NaN or inf"):
+        train(host, model, smooth_latents(4), positive=nan_prompt, filename_prefix="nan_prompt/rectifier")
+    assert not saved_names("blown") and not saved_names("nan_prompt")
+
+
+def test_non_finite_rectifiers_are_refused_by_the_loader_and_by_apply_naming_the_file(host, trained, tmp_path):
+    import folder_paths
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    model, _, samples, rectifier = trained
+    path = folder_paths.get_full_path_or_raise("rectifiers", sorted(saved_names("test"))[-1])
+    with safe_open(path, framework="pt") as file:
+        metadata = file.metadata()
+        tensors = {key: file.get_tensor(key) for key in file.keys()}
+    tensors["mixer.0.weight"][0, 0] = float("nan")
+    broken = os.path.join(folder_paths.get_folder_paths("rectifiers")[0], "broken_00001_.safetensors")
+    save_file(tensors, broken, metadata=metadata)
+    with pytest.raises(ValueError, match=r"rectifier \(.*broken_00001_.safetensors\) has NaN or inf weights"):
+        node("RectifierLoader", rectifier_name="broken_00001_.safetensors")
+    os.remove(broken)
+    poisoned = copy.deepcopy(rectifier)
+    with torch.no_grad():
+        poisoned.mixer[0].weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"rectifier \(.*test/rectifier_\d+_.safetensors\) has NaN or inf weights"):
+        apply(model, poisoned, samples[:1])
+
+
+def test_load_rectifier_with_no_files_shows_a_hint_to_train_one(host, monkeypatch):
+    import folder_paths
+    loader = host.pack_module("nodes.rectifier").RectifierLoader
+    monkeypatch.setattr(folder_paths, "get_filename_list", lambda folder: [])
+    options = loader.GET_SCHEMA().inputs[0].options
+    assert options == ["(no rectifiers yet: train one with Train Rectifier)"]
+    with pytest.raises(ValueError, match="models/rectifiers holds no rectifier yet; train one with Train Rectifier"):
+        loader.execute(rectifier_name=options[0])
+
+
+def test_train_is_an_output_node_whose_loss_curve_is_an_image_and_a_preview(host):
+    rectifier_train = host.pack_module("nodes.rectifier").RectifierTrain
+    assert rectifier_train.GET_SCHEMA().is_output_node
+    with torch.inference_mode():
+        output = rectifier_train.execute(model=host.tiny_model("eps"), latent={"samples": smooth_latents(2)},
+                                         positive=host.tiny_conditioning(""), steps=4, learning_rate=1e-3, seed=0,
+                                         filename_prefix="curve/rectifier", batch_size=2)
+    rectifier, curve = output.result
+    width, height = host.pack_module("nodes.previews").CURVE_SIZE
+    assert curve.shape == (1, height, width, 3) and curve.std() > 0
+    assert output.ui.as_dict()["images"][0]["type"] == "temp"
+    assert [stage["objective"] for stage in rectifier.training_runs] == ["noise fitting"]
+
+
+def test_weight_patches_reach_the_modulated_convs_as_they_reach_the_plain_ones(host):
+    """A LoRA-like patch, applied on the fly (low-VRAM loading) or written into the weights (full loading)."""
+    rectifier_nodes = host.pack_module("nodes.rectifier")
+    with torch.inference_mode():
+        model = host.tiny_model("eps")
+        unet, cpu = model.model.diffusion_model, torch.device("cpu")
+        source = model.model.process_latent_in(smooth_latents(1))
+        sampling = model.get_model_object("model_sampling")
+        identity = rectifier_nodes.rectifier_wrapper(model.model, sampling, untrained(host, model), source)
+        modulated = rectifier_nodes.rectifier_wrapper(model.model, sampling, perturbed(host, model), source)
+        x = torch.randn(1, 4, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+        t, context = torch.tensor([500.0]), host.tiny_conditioning("prompt")[0][0]
+
+        def outputs():
+            return (unet(x, t, context), identity(unet._forward, x, t, context, None, None, {}),
+                    modulated(unet._forward, x, t, context, None, None, {}))
+
+        plain_before, _, modulated_before = outputs()
+        targets = core_targets(host, model)
+        generator = torch.Generator().manual_seed(4)
+        model.add_patches({f"{name}.weight": (0.05 * torch.randn(model.model.get_submodule(name).weight.shape,
+                                                                  generator=generator),)
+                           for name in targets})
+        stored = model.model.get_submodule(targets[0]).weight.clone()
+        model.load(cpu, lowvram_model_memory=1)
+        # Low-VRAM loading leaves the stored weights unpatched and patches them as each conv runs.
+        assert torch.equal(model.model.get_submodule(targets[0]).weight, stored)
+        assert model.model.get_submodule(targets[0]).weight_function
+        plain, rectified_identity, rectified = outputs()
+        assert (plain - plain_before).abs().max() > 1e-3 and (rectified - modulated_before).abs().max() > 1e-3
+        assert torch.equal(rectified_identity, plain)
+        model.unpatch_model(cpu)
+        model.load(cpu, full_load=True)
+        assert not torch.equal(model.model.get_submodule(targets[0]).weight, stored)
+        written = outputs()
+        model.unpatch_model(cpu)
+    torch.testing.assert_close(written[0], plain, rtol=0, atol=1e-6)
+    torch.testing.assert_close(written[2], rectified, rtol=0, atol=1e-6)
+
+
+def core_targets(host, model):
+    return host.pack_module("ngdm_core.rectifier").conv_targets(model.model,
+                                                                host.pack_module("nodes.rectifier").TARGET_BLOCKS)
+
+
+# --- edit mode ----------------------------------------------------------------------------------
+
+
+def test_the_edit_training_workflow_trains_on_top_of_reconstruction_and_applies_under_the_executor(host):
+    import folder_paths
+    host.TINY_MODEL_KIND["kind"] = "eps"
+    before = set(saved_names("rectifier_"))
+    captured = host.run_prompt(host.load_workflow("rectifier_edit_training", 3))
+    source, output = captured["source"][:1], captured["output"]["samples"]
+    assert torch.isfinite(output).all() and (output - source).abs().mean().item() > 1e-2
+    (reconstruct,) = [name for name in set(saved_names("rectifier_source")) - before]
+    (edit,) = [name for name in set(saved_names("rectifier_cat_to_dog")) - before]
+    (loaded,) = node("RectifierLoader", rectifier_name=edit)
+    assert [stage["objective"] for stage in loaded.training_runs] == ["noise fitting", "edit"]
+    first = read_rectifier(host, folder_paths.get_full_path_or_raise("rectifiers", reconstruct))
+    assert any(not torch.equal(value, first.state_dict()[key]) for key, value in loaded.state_dict().items())
+
+
+def read_rectifier(host, path):
+    return host.pack_module("ngdm_core.rectifier").read_rectifier(path)
+
+
+def edit_train(host, model, **overrides):
+    inputs = dict(mode="edit", target=host.tiny_conditioning("a photo of a dog"), clip=host.tiny_clip(),
+                  clip_vision=host.tiny_clip_vision(), vae=host.tiny_vae(), steps=3, batch_size=2,
+                  positive=host.tiny_conditioning("a photo of a cat"), filename_prefix="edit_checks/rectifier")
+    return train(host, model, smooth_latents(2), **{**inputs, **overrides})
+
+
+def test_edit_mode_leaves_the_model_bit_for_bit_and_its_text_embedding_is_clips_projection(host):
+    embeddings = host.pack_module("nodes.rectifier_embeddings")
+    with torch.inference_mode():
+        model = host.tiny_model("eps")
+        before = {name: value.clone() for name, value in model.model.state_dict().items()}
+        # A rectifier made under inference mode, as Load Rectifier makes one, to continue from.
+        rectifier = edit_train(host, model, initial_rectifier=untrained(host, model))
+        for name, value in model.model.state_dict().items():
+            assert torch.equal(value, before[name]), name
+        assert [stage["objective"] for stage in rectifier.training_runs] == ["edit"]
+        clip, prompt = host.tiny_clip(), host.tiny_conditioning("a photo of a dog")
+        # SD1.x's pooled output is unprojected: E_T applies CLIP's text projection, as CLIP itself does.
+        projection = clip.cond_stage_model.clip_l.transformer.text_projection
+        torch.testing.assert_close(embeddings.text_embedding(clip, prompt, "target"),
+                                   prompt[0][1]["pooled_output"][0] @ projection.weight.float().T, rtol=1e-5,
+                                   atol=1e-6)
+        # A text model that returns the projected pooled output already (SD2.x, SDXL's clip_g) is used as it is.
+        clip.cond_stage_model.clip_l.return_projected_pooled = True
+        assert torch.equal(embeddings.text_embedding(clip, prompt, "target"), prompt[0][1]["pooled_output"][0])
+
+
+def test_edit_mode_refuses_missing_or_mismatched_embeddings_before_training(host):
+    model = host.tiny_model("eps")
+
+    def refused(**overrides):
+        return edit_train(host, model, filename_prefix="edit_refused/rectifier", **overrides)
+
+    with pytest.raises(ValueError, match="mode edit needs clip_vision, vae connected"):
+        refused(clip_vision=None, vae=None)
+    with pytest.raises(ValueError, match="clip_vision gives 512-wide image embeddings but clip's text embeddings are "
+                                         "768 wide"):
+        refused(clip_vision=host.tiny_clip_vision(projection_dim=512))
+    unloaded = host.tiny_clip()
+    with torch.no_grad():
+        unloaded.cond_stage_model.clip_l.transformer.text_projection.weight.zero_()
+    with pytest.raises(ValueError, match="clip: its text projection is all zeros, so it was never loaded"):
+        refused(clip=unloaded)
+    with pytest.raises(ValueError, match="target has no pooled text output"):
+        refused(target=[[host.tiny_conditioning("x")[0][0], {}]])
+    with pytest.raises(ValueError, match="direction is zero for source 0: its target and source text embeddings"):
+        refused(target=host.tiny_conditioning("a photo of a cat"))
+    assert not saved_names("edit_refused")
+
+
+def test_the_differentiable_image_embeds_are_clip_visions_own(host):
+    import comfy.clip_model
+    embeddings = host.pack_module("nodes.rectifier_embeddings")
+    clip_vision = host.tiny_clip_vision()
+    images = torch.rand(2, 64, 48, 3, generator=torch.Generator().manual_seed(1))
+    settings = dict(size=clip_vision.image_size, mean=clip_vision.image_mean, std=clip_vision.image_std)
+    with torch.no_grad():
+        theirs = comfy.clip_model.clip_preprocess(images, **settings)
+        ours = embeddings.clip_pixels(images.movedim(-1, 1), **settings)
+        # CLIPVisionEncode's preprocessing, but for its rounding to 8-bit levels after the resize.
+        assert (ours - theirs).abs().max() <= 0.5 / 255 / min(clip_vision.image_std) + 1e-6
+        assert (ours - theirs).abs().max() > 0
+        torch.testing.assert_close(embeddings.image_embeds(clip_vision.model, theirs),
+                                   clip_vision.encode_image(images)["image_embeds"], rtol=0, atol=1e-6)
+
+
+def test_train_runs_with_nothing_downstream_and_once_for_unchanged_inputs(host):
+    import asyncio
+    import execution
+    host.TINY_MODEL_KIND["kind"] = "eps"
+    prompt = {
+        "1": {"class_type": "TinyCheckpoint", "inputs": {"ckpt_name": "tiny"}},
+        "2": {"class_type": "TinyTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
+        "3": {"class_type": "TinyImage", "inputs": {"image": "source.png"}},
+        "4": {"class_type": "TinyEncode", "inputs": {"pixels": ["3", 0], "vae": ["1", 2]}},
+        "5": {"class_type": "RectifierTrain", "inputs": {
+            "model": ["1", 0], "latent": ["4", 0], "positive": ["2", 0], "steps": 2, "learning_rate": 1e-3, "seed": 0,
+            "filename_prefix": "alone/rectifier", "batch_size": 1}},
+    }
+    valid, error, outputs, _ = asyncio.run(execution.validate_prompt("alone", prompt, None))
+    assert valid, error
+    executor = execution.PromptExecutor(host._StubServer(), cache_type=execution.CacheType.CLASSIC,
+                                        cache_args={"lru": 0, "ram": 0})
+    for run in range(2):
+        executor.execute(prompt, f"alone {run}", {}, outputs)
+        assert executor.success
+        # Run alone it trains and saves; queued again unchanged, ComfyUI's cache answers with no second file.
+        assert len(saved_names("alone")) == 1

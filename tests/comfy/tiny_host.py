@@ -30,6 +30,8 @@ STAND_INS = {
     "VAEEncode": "TinyEncode",
     "VAEDecode": "TinyDecode",
     "ControlNetLoader": "TinyControlNetLoader",
+    "CLIPLoader": "TinyCLIPLoader",
+    "CLIPVisionLoader": "TinyCLIPVisionLoader",
 }
 TINY_UNET_CONFIG = {
     "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
@@ -38,6 +40,19 @@ TINY_UNET_CONFIG = {
     "model_channels": 32, "channel_mult": [1, 2], "num_res_blocks": [1, 1], "transformer_depth": [1, 1],
     "transformer_depth_output": [1, 1, 1, 1], "transformer_depth_middle": 1,
 }
+# SD1.5's CLIP text encoder (768 wide, with CLIP's text projection) cut to one layer and a 16-token vocabulary:
+# the stand-in text encoder makes the conditioning, this CLIP gives only its text projection.
+TINY_CLIP_TEXT_CONFIG = {"num_hidden_layers": 1, "intermediate_size": 64, "vocab_size": 16}
+# A CLIP vision model whose image embeds are 768 wide, as ViT-L/14's, on 32x32 images.
+TINY_CLIP_VISION_CONFIG = {
+    "attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "quick_gelu", "hidden_size": 32, "image_size": 32,
+    "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": 64, "layer_norm_eps": 1e-05,
+    "model_type": "clip_vision_model", "num_attention_heads": 2, "num_channels": 3, "num_hidden_layers": 2,
+    "patch_size": 8, "projection_dim": 768,
+}
+# SD's KL VAE layout (4 latent channels, 8x downscale) at 32 channels.
+TINY_VAE_DDCONFIG = {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
+                     "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0}
 
 
 class _WarningCollector(logging.Handler):
@@ -191,6 +206,37 @@ def tiny_controlnet(seed=1):
     return comfy.controlnet.ControlNet(control_model, load_device=comfy.model_management.get_torch_device())
 
 
+def tiny_clip(seed=2):
+    """A CLIP object shaped as SD1.5's text encoder (see ``TINY_CLIP_TEXT_CONFIG``), random weights."""
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
+    clip = comfy.sd.CLIP(target, model_options={"clip_l_model_config": TINY_CLIP_TEXT_CONFIG})
+    init_weights(clip.cond_stage_model, seed)
+    return clip
+
+
+def tiny_clip_vision(projection_dim=768, seed=3):
+    """ComfyUI's CLIP vision model (``comfy.clip_vision.ClipVisionModel``) with a tiny config, random weights."""
+    import json
+    import comfy.clip_vision
+    config = os.path.join(tempfile.mkdtemp(prefix="ngdm_clip_vision_"), "config.json")
+    with open(config, "w") as f:
+        json.dump({**TINY_CLIP_VISION_CONFIG, "projection_dim": projection_dim}, f)
+    clip_vision = comfy.clip_vision.ClipVisionModel(config)
+    init_weights(clip_vision.model, seed)
+    return clip_vision
+
+
+def tiny_vae(seed=4):
+    """ComfyUI's VAE object around a KL autoencoder in SD's layout at 32 channels, random weights."""
+    import comfy.sd
+    vae = comfy.sd.VAE(sd={}, config={"params": {"embed_dim": 4, "ddconfig": TINY_VAE_DDCONFIG}})
+    init_weights(vae.first_stage_model, seed)
+    return vae
+
+
 def _seeded(text):
     import torch
     return torch.Generator().manual_seed(zlib.crc32(str(text).encode()))
@@ -201,6 +247,12 @@ def _stand_in_nodes():
     from comfy_api.latest import io
 
     models = {}
+    encoders = {}
+
+    def cached(key, make):
+        if key not in encoders:
+            encoders[key] = make()
+        return encoders[key]
 
     class TinyCheckpoint(io.ComfyNode):
         @classmethod
@@ -213,7 +265,7 @@ def _stand_in_nodes():
             kind = TINY_MODEL_KIND["kind"]
             if kind not in models:
                 models[kind] = tiny_model(kind)
-            return io.NodeOutput(models[kind], "tiny clip", "tiny vae")
+            return io.NodeOutput(models[kind], cached("clip", tiny_clip), cached("vae", tiny_vae))
 
     class TinyTextEncode(io.ComfyNode):
         @classmethod
@@ -223,7 +275,7 @@ def _stand_in_nodes():
 
         @classmethod
         def execute(cls, clip, text):
-            return io.NodeOutput([[torch.randn(1, 77, 768, generator=_seeded(text)), {}]])
+            return io.NodeOutput(tiny_conditioning(text))
 
     class TinyImage(io.ComfyNode):
         @classmethod
@@ -275,7 +327,29 @@ def _stand_in_nodes():
         def execute(cls, control_net_name):
             return io.NodeOutput(tiny_controlnet())
 
-    return [TinyCheckpoint, TinyTextEncode, TinyImage, TinyEncode, TinyDecode, TinyControlNetLoader]
+    class TinyCLIPLoader(io.ComfyNode):
+        @classmethod
+        def define_schema(cls):
+            return io.Schema(node_id="TinyCLIPLoader", inputs=[io.String.Input("clip_name"), io.String.Input("type"),
+                                                               io.String.Input("device")],
+                             outputs=[io.Clip.Output()])
+
+        @classmethod
+        def execute(cls, clip_name, type, device):
+            return io.NodeOutput(cached("clip", tiny_clip))
+
+    class TinyCLIPVisionLoader(io.ComfyNode):
+        @classmethod
+        def define_schema(cls):
+            return io.Schema(node_id="TinyCLIPVisionLoader", inputs=[io.String.Input("clip_name")],
+                             outputs=[io.ClipVision.Output()])
+
+        @classmethod
+        def execute(cls, clip_name):
+            return io.NodeOutput(cached("clip_vision", tiny_clip_vision))
+
+    return [TinyCheckpoint, TinyTextEncode, TinyImage, TinyEncode, TinyDecode, TinyControlNetLoader, TinyCLIPLoader,
+            TinyCLIPVisionLoader]
 
 
 def _widget_inputs(class_type):
@@ -339,6 +413,9 @@ def progress_updates_and_cancel(run):
         comfy.utils.set_progress_bar_global_hook(None)
 
 
+_MISSING = object()
+
+
 def ui_to_api(workflow):
     """Convert a UI-format workflow to an API prompt, with the weight-free stand-ins swapped in."""
     links = {link[0]: link for link in workflow["links"]}
@@ -350,7 +427,11 @@ def ui_to_api(workflow):
         inputs = {}
         values = iter(node.get("widgets_values", []))
         for name, has_extra_value in _widget_inputs(class_type):
-            inputs[name] = next(values)
+            # A workflow saved before a node gained widgets lacks their values; the UI leaves them at default.
+            value = next(values, _MISSING)
+            if value is _MISSING:
+                break
+            inputs[name] = value
             if has_extra_value:
                 next(values)
         for socket in node.get("inputs", []):
@@ -408,8 +489,11 @@ def run_prompt(prompt):
 
 
 def tiny_conditioning(text):
+    """A stand-in for CLIPTextEncode's output: cross-attention context and SD1.5's unprojected pooled output."""
     import torch
-    return [[torch.randn(1, 77, 768, generator=_seeded(text)), {}]]
+    generator = _seeded(text)
+    context = torch.randn(1, 77, 768, generator=generator)
+    return [[context, {"pooled_output": torch.randn(1, 768, generator=generator)}]]
 
 
 def sample_with_weights(model, sampler, weights, steps=8, cfg=2.0, seed=0, size=LATENT_SIZE):
