@@ -35,6 +35,7 @@ from ngdm_core.shapes.model import NULL_CLASS, UNET_FILE, ShapesDenoiser, Shapes
 from ngdm_core.shapes.rectifier import (RectifiedShapesDenoiser, class_embeddings, edit_directions, image_features,
                                         new_rectifier)
 
+COMMITTED_RESULTS = Path(__file__).parent / "results" / "quality.json"
 BENCHMARK_SEED = 2  # the quality benchmark's sources
 PRESERVE_MARGIN = 2
 SDEDIT_STRENGTHS = (0.3, 0.5)
@@ -83,8 +84,17 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cfg", type=float, default=3.0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "quality.json"))
+    parser.add_argument("--out", help="the JSON to write the key 'rectifier' into (default: the committed "
+                                      "benchmarks/results/quality.json for the default settings, else "
+                                      "rectifier_quality_count<N>_steps<S>_cfg<C>.json here)")
     args = parser.parse_args(argv)
+    default = (args.count, args.steps, args.cfg) == (parser.get_default("count"), parser.get_default("steps"),
+                                                      parser.get_default("cfg"))
+    if args.out is None:
+        args.out = str(COMMITTED_RESULTS) if default else \
+            f"rectifier_quality_count{args.count}_steps{args.steps}_cfg{args.cfg:g}.json"
+    elif not default and Path(args.out).resolve() == COMMITTED_RESULTS.resolve():
+        parser.error("--out: only the default settings write the committed results")
     # Deliberate: the small U-Net gains little past two threads, and more contend with the rest of a shared machine.
     torch.set_num_threads(args.threads)
     log = lambda line: print(line, file=sys.stderr, flush=True)

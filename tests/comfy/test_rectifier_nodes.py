@@ -525,3 +525,23 @@ def test_train_runs_with_nothing_downstream_and_once_for_unchanged_inputs(host):
         assert executor.success
         # Run alone it trains and saves; queued again unchanged, ComfyUI's cache answers with no second file.
         assert len(saved_names("alone")) == 1
+
+
+@pytest.mark.parametrize("kind", ["eps", "v_prediction"])
+def test_the_estimate_the_rectifier_sees_is_comfyuis_own_denoised_prediction(host, kind):
+    rectifier_nodes = host.pack_module("nodes.rectifier")
+    with torch.inference_mode():
+        model = host.tiny_model(kind)
+        sampling = model.get_model_object("model_sampling")
+        x = torch.randn(2, 4, SIZE, SIZE, generator=torch.Generator().manual_seed(1)) * 3
+        t = torch.tensor([300.0, 700.0])
+        sigma = sampling.sigma(t)
+        x_t = x / (1 + sigma**2).sqrt()[:, None, None, None]
+        context = host.tiny_conditioning("prompt")[0][0].repeat(2, 1, 1)
+        output = model.model.diffusion_model(x_t, t, context)
+        # What ComfyUI's sampler gets from this model at (x, sigma): its denoised prediction, cfg 1.
+        denoised = model.model.apply_model(x, sigma, c_crossattn=context)
+        torch.testing.assert_close(rectifier_nodes.denoised_estimate(sampling, x_t, output, sigma), denoised,
+                                   rtol=0, atol=1e-5)
+        eps = rectifier_nodes.noise_from_output(sampling)(x_t, output, t)
+        torch.testing.assert_close(eps, (x - denoised) / sigma[:, None, None, None], rtol=0, atol=1e-5)
