@@ -10,6 +10,7 @@ JSON of the numbers and a trade-off plot (``benchmark`` extra: matplotlib).
 """
 
 import argparse
+import importlib.util
 import json
 import sys
 import time
@@ -19,6 +20,7 @@ import torch
 
 from ngdm_core.ngdm import diffedit_mask, map_noise, ngdm_weights, prompt_difference
 from ngdm_core.shapes.data import CLASSES, make_batch
+from ngdm_core.shapes.demo import DefaultsShown
 from ngdm_core.shapes.edits import (EditSettings, ddim_reconstruction, dilated, edit_friendly, edit_success, guided,
                                     invert, iou, per_pixel_time, psnr, sdedit, ssim)
 from ngdm_core.shapes.model import load_classifier, load_denoiser
@@ -34,13 +36,37 @@ NGDM_EDIT_FRIENDLY_SKIP = 0.2
 NGDM_EDIT_FRIENDLY_GRID = ((5, 2.5), (10, 5), (20, 10))
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--count", type=int, default=200)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--cfg", type=float, default=3.0)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "quality"))
+DEFAULT_SETTINGS = {"count": 200, "steps": 20, "cfg": 3.0}
+COMMITTED_RESULTS = Path(__file__).parent / "results" / "quality"
+
+
+def parse_arguments(argv=None):
+    """The settings, checked before any work: a bad one, or a missing matplotlib, stops the run at its start."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=DefaultsShown)
+    parser.add_argument("--count", type=int, default=DEFAULT_SETTINGS["count"],
+                        help="held-out sources to edit (data set seed 2), each into another class")
+    parser.add_argument("--steps", type=int, default=DEFAULT_SETTINGS["steps"], help="Euler steps of every method")
+    parser.add_argument("--cfg", type=float, default=DEFAULT_SETTINGS["cfg"],
+                        help="classifier-free guidance scale of every method")
+    parser.add_argument("--out", help="path of the results without extension (.md, .json and .png) (default: "
+                                      "benchmarks/results/quality, the committed results, with the default settings; "
+                                      "else quality_count<N>_steps<S>_cfg<C> in the current folder)")
     args = parser.parse_args(argv)
+    for option, value in (("--count", args.count), ("--steps", args.steps)):
+        if value < 1:
+            parser.error(f"{option} must be at least 1, got {value}")
+    default = all(getattr(args, name) == value for name, value in DEFAULT_SETTINGS.items())
+    if args.out is None:
+        args.out = str(COMMITTED_RESULTS) if default else f"quality_count{args.count}_steps{args.steps}_cfg{args.cfg:g}"
+    elif not default and Path(args.out).resolve() == COMMITTED_RESULTS.resolve():
+        parser.error("--out: the committed results come from the default settings; write this run elsewhere")
+    if importlib.util.find_spec("matplotlib") is None:
+        parser.error("matplotlib is not installed; it draws the trade-off plot: pip install -e '.[benchmark]'")
+    return args
+
+
+def main(argv=None):
+    args = parse_arguments(argv)
     torch.set_grad_enabled(False)
     log = lambda line: print(line, file=sys.stderr, flush=True)
 

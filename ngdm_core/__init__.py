@@ -1,13 +1,28 @@
-"""Pure-PyTorch maths of the pack's editing methods; never imports ComfyUI."""
+"""Pure-PyTorch maths of the pack's editing methods; never imports ComfyUI.
 
-from .denoisers import GaussianDenoiser, classifier_free_guidance
-from .ngdm import (per_pixel_time_denoiser, power_law_start_sigmas, sample_per_pixel_time, start_sigmas, started,
-                   weight_map)
-from .samplers import SAMPLERS, sample_dpmpp_2m, sample_euler, sample_euler_ancestral
-from .schedule import noise_source
+The names below load their module on first use, so importing the package alone does not load
+torch: ``python -m ngdm_core.demo`` checks its arguments before torch loads.
+"""
 
-__all__ = [
-    "GaussianDenoiser", "classifier_free_guidance", "per_pixel_time_denoiser", "power_law_start_sigmas",
-    "sample_per_pixel_time", "start_sigmas", "started", "weight_map", "SAMPLERS", "sample_dpmpp_2m",
-    "sample_euler", "sample_euler_ancestral", "noise_source",
-]
+import importlib
+
+_MODULE_OF = {
+    "GaussianDenoiser": "denoisers", "classifier_free_guidance": "denoisers",
+    "per_pixel_time_denoiser": "ngdm", "power_law_start_sigmas": "ngdm", "sample_per_pixel_time": "ngdm",
+    "start_sigmas": "ngdm", "started": "ngdm", "weight_map": "ngdm",
+    "SAMPLERS": "samplers", "sample_dpmpp_2m": "samplers", "sample_euler": "samplers",
+    "sample_euler_ancestral": "samplers",
+    "noise_source": "schedule",
+}
+
+__all__ = list(_MODULE_OF)
+
+
+def __getattr__(name):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+
+
+def __dir__():
+    return sorted([*globals(), *__all__])

@@ -12,7 +12,7 @@ from comfy_api.latest import io
 
 from ..ngdm_core.edge_preserving import TRANSITIONS, edge_map, edge_preserving_noise, resize_to_latent, transition
 from ..ngdm_core.validation import require_sigma_schedule
-from .host import CATEGORY, require_pixelwise_latent, require_sampling_run, show_node_text
+from .host import CATEGORY, ordered_widgets, require_pixelwise_latent, require_sampling_run, show_node_text
 
 
 def _options(lambda_min, lambda_max, t_phi, transition, strength):
@@ -44,6 +44,14 @@ def _edge_inputs():
         io.Image.Input("image", optional=True,
                        tooltip="Where the edges come from, area-resized to the latent; without it, the latent."),
     ]
+
+
+class EdgeWidgets:
+    """The queue-time check of the edge widgets, for both nodes that have them."""
+
+    @classmethod
+    def validate_inputs(cls, lambda_min=None, lambda_max=None):
+        return ordered_widgets(cls, "lambda_min", "lambda_max", lambda_min=lambda_min, lambda_max=lambda_max)
 
 
 def diffusion_time(model_sampling, sigma) -> float:
@@ -91,12 +99,12 @@ def isotropic_warning(time, t_phi, kind, strength):
     return None
 
 
-class EdgePreservingNoise(io.ComfyNode):
+class EdgePreservingNoise(EdgeWidgets, io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
             node_id="EdgePreservingNoise",
-            display_name="Edge-Preserving Noise",
+            display_name="NGDM Edit: Edge-Preserving Noise",
             category=CATEGORY,
             description="Noise for img2img (SamplerCustomAdvanced) that is weaker on the source's edges, so the "
                         "result keeps its structure: the paper's stroke-to-image use. Same noise as RandomNoise "
@@ -104,10 +112,11 @@ class EdgePreservingNoise(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="Maps the start sigma to diffusion time."),
                 io.Sigmas.Input("sigmas", tooltip="The run's schedule; the noise is shaped for its first sigma."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="The same seed as RandomNoise gives the same noise where the image is flat."),
                 *_edge_inputs(),
             ],
-            outputs=[io.Noise.Output()],
+            outputs=[io.Noise.Output(tooltip="For SamplerCustomAdvanced's noise input.")],
             hidden=[io.Hidden.unique_id],
         )
 
@@ -143,12 +152,12 @@ def sample_edge_preserving(model, x, sigmas, extra_args=None, callback=None, dis
                                          **{**base_sampler.extra_options, "noise_sampler": noise_sampler})
 
 
-class EdgePreservingSampler(io.ComfyNode):
+class EdgePreservingSampler(EdgeWidgets, io.ComfyNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
             node_id="EdgePreservingSampler",
-            display_name="Edge-Preserving Ancestral Sampler",
+            display_name="NGDM Edit: Edge-Preserving Ancestral Sampler",
             category=CATEGORY,
             description="Wraps an ancestral or SDE sampler so the fresh noise of every step is edge-preserving, "
                         "with lambda(t) and tau(t) at that step: the hybrid process carries through the run and "
@@ -157,7 +166,7 @@ class EdgePreservingSampler(io.ComfyNode):
                 io.Sampler.Input("sampler", tooltip="An ancestral or SDE sampler, e.g. euler_ancestral."),
                 *_edge_inputs(),
             ],
-            outputs=[io.Sampler.Output()],
+            outputs=[io.Sampler.Output(tooltip="For SamplerCustomAdvanced.")],
         )
 
     @classmethod

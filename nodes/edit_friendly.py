@@ -55,16 +55,16 @@ class EditFriendlyInvert(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="EditFriendlyInvert",
-            display_name="Edit-Friendly Inversion",
+            display_name="NGDM Edit: Edit-Friendly Inversion",
             category=CATEGORY,
             description="Edit-friendly DDPM inversion: records noise maps that reconstruct the source exactly and "
                         "carry its structure into an edit. Sample its outputs with SamplerCustomAdvanced, DisableNoise "
                         "and a CFGGuider on the target prompt (cfg around 15).",
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="The model that inverts the source; sample the edit with the same one."),
                 io.Latent.Input("latent", tooltip="The source image, VAE-encoded."),
                 io.Conditioning.Input("positive", tooltip="A prompt describing the source image."),
-                io.Conditioning.Input("negative"),
+                io.Conditioning.Input("negative", tooltip="The negative prompt of the source prediction's CFG."),
                 io.Sigmas.Input("sigmas", tooltip="The full schedule, e.g. BasicScheduler with 100 steps."),
                 io.Float.Input("source_cfg", default=3.5, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="CFG of the source prediction the noise maps are extracted from."),
@@ -72,7 +72,8 @@ class EditFriendlyInvert(io.ComfyNode):
                                tooltip="Noise of the ancestral sampler, in (0, 1]; 1 is DDPM."),
                 io.Float.Input("skip", default=0.36, min=0.0, max=0.99, step=0.01,
                                tooltip="Fraction of the first steps skipped: larger keeps more of the source."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seeds the independent noisy copies of the source the noise maps are read from."),
             ],
             outputs=[
                 io.Sampler.Output(display_name="sampler", tooltip="Replays the noise maps."),

@@ -36,6 +36,29 @@ def host_start_sigmas(model_sampling, weights, sigmas, mapping):
                         sigma_min=float(model_sampling.sigma_min))
 
 
+def ordered_widgets(node, lower, upper, **values):
+    """A ``validate_inputs`` result: True, or what is wrong, where widget ``lower`` must not exceed ``upper``.
+
+    ComfyUI skips its own min/max check for every input a node's ``validate_inputs`` names, so
+    the range of each of ``values`` is checked here from the node's schema. A value of None came
+    through a link and is unknown at queue time; the node checks it when it runs.
+    """
+    # define_schema, not GET_SCHEMA: validation runs on a locked clone of the class, which
+    # GET_SCHEMA would try to write to.
+    widgets = {spec.id: spec for spec in node.define_schema().inputs}
+    for name, value in values.items():
+        if value is None:
+            continue
+        if widgets[name].min is not None and value < widgets[name].min:
+            return f"{name} must be at least {widgets[name].min}, got {value}"
+        if widgets[name].max is not None and value > widgets[name].max:
+            return f"{name} must be at most {widgets[name].max}, got {value}"
+    low, high = values[lower], values[upper]
+    if low is not None and high is not None and low > high:
+        return f"{lower} ({low}) must not exceed {upper} ({high})"
+    return True
+
+
 def _require_latent(name, base_model, samples, frame_axis):
     shape = tuple(samples.shape)
     if samples.is_nested or samples.ndim not in ((4, 5) if frame_axis else (4,)):

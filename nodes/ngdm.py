@@ -5,7 +5,7 @@ import functools
 import comfy.patcher_extension
 import comfy.samplers
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..ngdm_core.ngdm import (MAPPINGS, WEIGHT_MAP_MODES, noised_source_reference, per_pixel_time_denoiser, started,
                               weight_map)
@@ -24,28 +24,33 @@ class NGDMWeightMap(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="NGDMWeightMap",
-            display_name="NGDM Weight Map",
+            display_name="NGDM Edit: Weight Map (soft mask)",
             category=CATEGORY,
             description="Finds where the source and target prompts disagree about the image (DiffEdit-style) "
                         "and turns it into the soft per-pixel weight map Lambda that NGDM samples with.",
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="The diffusion model that compares the two prompts' predictions; "
+                                                "EPS, V-prediction and flow models all work."),
                 io.Latent.Input("latent", tooltip="The source image, VAE-encoded."),
                 io.Conditioning.Input("source_conditioning", tooltip="A prompt describing the source image."),
                 io.Conditioning.Input("target_conditioning", tooltip="A prompt describing the edit you want."),
-                io.Conditioning.Input("negative"),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+                io.Conditioning.Input("negative", tooltip="The negative prompt both predictions are guided against."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seeds the num_maps noises the source is noised with."),
                 io.Int.Input("num_maps", default=10, min=1, max=64,
                              tooltip="Noise seeds averaged into the map; all go through one batched model call per prompt."),
                 io.Float.Input("encode_strength", default=0.5, min=0.01, max=1.0, step=0.01,
                                tooltip="How far along the schedule the source is noised before comparing the prompts."),
-                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01),
+                io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
+                               tooltip="Classifier-free guidance scale of both predictions, against negative."),
                 io.Float.Input("smoothing", default=1.0, min=0.0, max=16.0, step=0.1,
                                tooltip="Gaussian blur of the difference map, in latent pixels (ngdm mode only)."),
                 io.Float.Input("a", default=10.0, min=0.01, max=100.0, step=0.1,
-                               tooltip="Sigmoid gain: Lambda = sigmoid(a*A - b). Larger a edits more (ngdm mode only)."),
+                               tooltip="Sigmoid gain a in Lambda = sigmoid(a*A - b), A the normalised difference map. "
+                                       "Larger a edits more (ngdm mode only)."),
                 io.Float.Input("b", default=5.0, min=-100.0, max=100.0, step=0.1,
-                               tooltip="Sigmoid offset: larger b keeps more of the source (ngdm mode only)."),
+                               tooltip="Sigmoid offset b in Lambda = sigmoid(a*A - b): larger b keeps more of the source "
+                                       "(ngdm mode only)."),
                 io.Combo.Input("mode", options=list(WEIGHT_MAP_MODES), default="ngdm",
                                tooltip="ngdm: the soft map. diffedit: DiffEdit's binary mask, for comparison."),
             ],
@@ -76,7 +81,7 @@ class NGDMWeightMap(io.ComfyNode):
                              sigma, num_maps=num_maps, seed=seed, mode=mode, smoothing=smoothing, a=a, b=b,
                              parametrization=kind, max_batch=max_batch, progress=progress).cpu()
         mask = to_image_resolution(weights.reshape(weights.shape[0], *weights.shape[-2:]), model)
-        return io.NodeOutput(mask, {**latent, "noise_mask": weights})
+        return io.NodeOutput(mask, {**latent, "noise_mask": weights}, ui=ui.PreviewMask(mask, cls=cls))
 
 
 class _HeldPixelsModel:
@@ -151,7 +156,7 @@ class PerPixelTimeSampler(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="PerPixelTimeSampler",
-            display_name="Per-Pixel Time Sampler (NGDM)",
+            display_name="NGDM Edit: Per-Pixel Time Sampler",
             category=CATEGORY,
             description="Wraps a sampler so each latent pixel starts denoising at its own time, from the latent's "
                         "noise_mask (Lambda). Pixels that have not started stay on the noised source with the one "
@@ -160,7 +165,8 @@ class PerPixelTimeSampler(io.ComfyNode):
                 io.Sampler.Input("sampler", tooltip="The base sampler, e.g. from KSamplerSelect."),
                 io.Combo.Input("mapping", options=list(MAPPINGS), default="ngdm", tooltip=MAPPING_TOOLTIP),
             ],
-            outputs=[io.Sampler.Output()],
+            outputs=[io.Sampler.Output(tooltip="For SamplerCustomAdvanced, with a latent whose noise_mask is Lambda "
+                                               "(NGDM Edit: Weight Map's latent output).")],
         )
 
     @classmethod
@@ -218,17 +224,18 @@ class PerPixelTimeModel(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="PerPixelTimeModel",
-            display_name="Per-Pixel Time Model Patch (NGDM)",
+            display_name="NGDM Edit: Per-Pixel Time Model Patch",
             category=CATEGORY,
             description="The per-pixel start times as a model patch, like Differential Diffusion, for plain KSampler "
                         "graphs. With deterministic samplers, pixels that have not started stay exactly on the noised "
                         "source; ancestral/SDE samplers keep them a valid noisy source with fresh noise. "
                         "PerPixelTimeSampler keeps the one noise for every sampler.",
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="The model to patch; a patched copy is returned."),
                 io.Combo.Input("mapping", options=list(MAPPINGS), default="ngdm", tooltip=MAPPING_TOOLTIP),
             ],
-            outputs=[io.Model.Output()],
+            outputs=[io.Model.Output(tooltip="For KSampler or any sampler node, with a latent whose noise_mask is "
+                                             "Lambda (NGDM Edit: Weight Map's latent output).")],
         )
 
     @classmethod

@@ -10,13 +10,14 @@ import comfy.model_sampling
 import comfy.patcher_extension
 import folder_paths
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 from torch import nn
 
 from ..ngdm_core.rectifier import (Rectifier, conv_targets, predicted_x0_at, read_rectifier, rectified, require_fits,
                                    save_rectifier, train_rectifier)
 from .host import (CATEGORY, model_conditioning, progress_reporter, require_conditioning, require_image_latent,
                    show_node_text)
+from .previews import loss_curve
 
 FOLDER = "rectifiers"
 # Names relative to ComfyUI's BaseModel, whose U-Net is its ``diffusion_model``: the same module
@@ -122,20 +123,21 @@ class RectifierTrain(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="RectifierTrain",
-            display_name="Train Rectifier",
+            display_name="NGDM Edit: Train Rectifier",
             category=CATEGORY,
             description="Trains a rectifier for this model on a batch of source latents: a small hypernetwork that "
                         "modulates the convs of the U-Net's middle and output blocks so its noise predictions "
                         "reconstruct the sources faithfully. The base model stays frozen. Saves to "
                         "models/rectifiers. EPS U-Net models only (SD1.x, SD2.x base, SDXL).",
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="An EPS U-Net model (SD1.x, SD2.x base, SDXL); it stays frozen."),
                 io.Latent.Input("latent", tooltip="The source images, VAE-encoded, as one batch (e.g. via "
                                                   "RepeatLatentBatch or LatentBatch)."),
                 io.Conditioning.Input("positive", tooltip="The prompt the model runs under while training: one "
                                                           "describing the sources, or an empty prompt."),
                 io.Int.Input("steps", default=500, min=1, max=100000, tooltip="AdamW steps."),
-                io.Float.Input("learning_rate", default=1e-3, min=1e-6, max=1.0, step=1e-4, round=1e-6),
+                io.Float.Input("learning_rate", default=1e-3, min=1e-6, max=1.0, step=1e-4, round=1e-6,
+                               tooltip="AdamW's learning rate for the rectifier's weights."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seeds the rectifier's initial weights, and the training's timesteps, noise "
                                      "and batches."),
@@ -145,7 +147,9 @@ class RectifierTrain(io.ComfyNode):
                 io.Int.Input("batch_size", default=4, min=1, max=256,
                              tooltip="Sources per step, drawn with replacement from the latent batch."),
             ],
-            outputs=[RectifierType.Output(display_name="rectifier")],
+            outputs=[RectifierType.Output(display_name="rectifier",
+                                          tooltip="The trained rectifier, also saved to models/rectifiers; for "
+                                                  "NGDM Edit: Apply Rectifier.")],
             hidden=[io.Hidden.unique_id],
         )
 
@@ -172,7 +176,7 @@ class RectifierTrain(io.ComfyNode):
         path = os.path.join(folder, f"{filename}_{counter:05}_.safetensors")
         save_rectifier(rectifier, path)
         logging.info("RectifierTrain: loss %.4f -> %.4f over %d steps, saved %s", history[0], history[-1], steps, path)
-        return io.NodeOutput(rectifier)
+        return io.NodeOutput(rectifier, ui=ui.PreviewImage(loss_curve(history), cls=cls))
 
 
 class RectifierLoader(io.ComfyNode):
@@ -180,11 +184,14 @@ class RectifierLoader(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="RectifierLoader",
-            display_name="Load Rectifier",
+            display_name="NGDM Edit: Load Rectifier",
             category=CATEGORY,
             description="Loads a rectifier saved by Train Rectifier from models/rectifiers.",
-            inputs=[io.Combo.Input("rectifier_name", options=folder_paths.get_filename_list(FOLDER))],
-            outputs=[RectifierType.Output(display_name="rectifier")],
+            inputs=[io.Combo.Input("rectifier_name", options=folder_paths.get_filename_list(FOLDER),
+                                   tooltip="A file in models/rectifiers, saved by NGDM Edit: Train Rectifier.")],
+            outputs=[RectifierType.Output(display_name="rectifier",
+                                          tooltip="For NGDM Edit: Apply Rectifier, with the model it was trained "
+                                                  "for.")],
         )
 
     @classmethod
@@ -235,19 +242,20 @@ class RectifierApply(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="RectifierApply",
-            display_name="Apply Rectifier",
+            display_name="NGDM Edit: Apply Rectifier",
             category=CATEGORY,
             description="Returns a copy of the model that, at every step, predicts the clean image with one plain "
                         "pass and then predicts again with the U-Net's convs modulated by the rectifier, looking at "
                         "the source. Use it to reconstruct or edit the source (SDEdit, edit-friendly inversion). "
                         "Each step costs about two model calls.",
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="The model the rectifier was trained for; a patched copy is returned."),
                 RectifierType.Input("rectifier", tooltip="Trained for this model's architecture."),
                 io.Latent.Input("latent", tooltip="The source, VAE-encoded: one image for the whole batch, or one "
                                                   "per sampled latent."),
             ],
-            outputs=[io.Model.Output()],
+            outputs=[io.Model.Output(tooltip="The model with the rectifier applied, for any sampler; each step costs "
+                                             "about two model calls.")],
         )
 
     @classmethod

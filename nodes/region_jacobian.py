@@ -6,13 +6,13 @@ from dataclasses import dataclass
 import comfy.ldm.modules.diffusionmodules.openaimodel
 import comfy.model_management
 import torch
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..ngdm_core.edge_preserving import resize_to_latent
 from ..ngdm_core.region_jacobian import region_directions
 from ..ngdm_core.schedule import noise_source
-from .host import (CATEGORY, model_conditioning, parametrization, progress_reporter, require_conditioning,
-                   require_image_latent, to_image_resolution)
+from .host import (CATEGORY, model_conditioning, ordered_widgets, parametrization, progress_reporter,
+                   require_conditioning, require_image_latent, to_image_resolution)
 
 BOTTLENECK = ("output", 0)
 RegionDirectionsType = io.Custom("REGION_DIRECTIONS")
@@ -100,28 +100,35 @@ class RegionJacobianDirection(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="RegionJacobianDirection",
-            display_name="Region Jacobian Directions",
+            display_name="NGDM Edit: Region Jacobian Directions",
             category=CATEGORY,
             description="Finds unsupervised edit directions in the U-Net bottleneck (h-space) that change the masked "
                         "region, with the direction that most changes the rest projected out. Apply one with "
                         "ApplyRegionDirection. U-Net models only (SD1.x, SD2.x, SDXL).",
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="A U-Net model (SD1.x, SD2.x, SDXL); the directions live in its "
+                                                "bottleneck."),
                 io.Latent.Input("latent", tooltip="The source latent; or, with add_noise off, a noisy latent at the "
                                                   "probe time (e.g. an inversion's)."),
-                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("positive", tooltip="The prompt the U-Net runs under while the Jacobian is "
+                                                          "taken, e.g. one describing the source."),
                 io.Mask.Input("mask", tooltip="The region to edit; the rest should stay."),
                 io.Float.Input("probe_percent", default=0.5, min=0.0, max=0.99, step=0.01,
                                tooltip="Where in the schedule the Jacobian is taken (0 is the start, at full noise)."),
-                io.Int.Input("k", default=3, min=1, max=16, tooltip="How many directions."),
+                io.Int.Input("k", default=3, min=1, max=16,
+                             tooltip="Number of directions k to find, strongest first."),
                 io.Int.Input("r", default=1, min=0, max=16,
-                             tooltip="How many outside directions are projected out (the authors use 1)."),
+                             tooltip="Rank r of the outside's strongest directions projected out (the authors use 1; "
+                                     "0 keeps the plain masked directions)."),
                 io.Int.Input("iterations", default=50, min=1, max=500, tooltip="Power-iteration cap."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seeds the noise added to the latent (add_noise) and the iteration's start."),
                 io.Boolean.Input("add_noise", default=True, tooltip="Noise the latent to the probe time first."),
             ],
             outputs=[
-                RegionDirectionsType.Output(display_name="directions"),
+                RegionDirectionsType.Output(display_name="directions",
+                                            tooltip="The k directions, strongest first, for NGDM Edit: Apply Region "
+                                                    "Direction."),
                 io.Mask.Output(display_name="preview", tooltip="Where each direction changes the output, one per direction."),
             ],
         )
@@ -147,7 +154,8 @@ class RegionJacobianDirection(io.ComfyNode):
                                   progress=progress_reporter(iterations * (2 if r else 1)))
         directions = BottleneckDirections(found.vectors.cpu(), found.singular_values.cpu(), found.leakage.cpu(),
                                           found.unconfined_leakage.cpu(), sigma, found.converged)
-        return io.NodeOutput(directions, to_image_resolution(cls.preview(f, h, found.vectors), model).cpu())
+        preview = to_image_resolution(cls.preview(f, h, found.vectors), model).cpu()
+        return io.NodeOutput(directions, preview, ui=ui.PreviewMask(preview, cls=cls))
 
     @staticmethod
     def preview(f, h, vectors):
@@ -164,21 +172,31 @@ class ApplyRegionDirection(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="ApplyRegionDirection",
-            display_name="Apply Region Direction",
+            display_name="NGDM Edit: Apply Region Direction",
             category=CATEGORY,
             description="Shifts the U-Net bottleneck by strength times one found direction, on every model call "
                         "(cond and uncond) between start_percent and end_percent.",
             inputs=[
-                io.Model.Input("model"),
-                RegionDirectionsType.Input("directions"),
+                io.Model.Input("model", tooltip="The U-Net model the directions were found with; a patched copy is "
+                                                "returned."),
+                RegionDirectionsType.Input("directions", tooltip="From NGDM Edit: Region Jacobian Directions."),
                 io.Int.Input("index", default=0, min=0, max=15, tooltip="Which direction (0 is the strongest)."),
                 io.Float.Input("strength", default=10.0, min=-10000.0, max=10000.0, step=0.1,
                                tooltip="Signed step along the unit direction, in h-space units."),
-                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01),
-                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Where in the schedule the shift starts: 0 is the first step, at full noise."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Where in the schedule the shift ends: 1 is the last step. Not below "
+                                       "start_percent."),
             ],
-            outputs=[io.Model.Output()],
+            outputs=[io.Model.Output(tooltip="The model with its bottleneck shifted, for any sampler.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, start_percent=None, end_percent=None):
+        # The other way round, the shift would never apply.
+        return ordered_widgets(cls, "start_percent", "end_percent", start_percent=start_percent,
+                               end_percent=end_percent)
 
     @classmethod
     def execute(cls, model, directions, index, strength, start_percent, end_percent) -> io.NodeOutput:

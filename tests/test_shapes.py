@@ -1,11 +1,15 @@
 """The shapes data set, the shipped shapes model and classifier, the edit metrics and the demo command."""
 
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from ngdm_core.shapes import demo
+from ngdm_core.shapes import demo, demo_edit
 from ngdm_core.shapes.data import CLASSES, HELD_OUT_SEED, TRAINING_SEED, make_batch
 from ngdm_core.shapes.edits import dilated, iou, psnr, ssim
 from ngdm_core.shapes.model import load_classifier, load_denoiser
@@ -86,16 +90,48 @@ def test_metrics_agree_with_their_closed_forms():
     assert dilated(square, 1).sum() == 16
 
 
+def test_the_classifier_is_confident_on_the_data_set_and_often_unsure_on_noise(held_out):
+    # The demo counts a verdict on an image from elsewhere only at demo_edit.CONFIDENT: nearly every
+    # held-out verdict reaches it, and much fewer of those on uniform noise images do.
+    classifier = load_classifier()
+    held_out_confidence = classifier(held_out.images).softmax(1).amax(1)
+    noise = torch.rand(held_out.images.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    noise_confidence = classifier(noise).softmax(1).amax(1)
+    reached, noise_reached = [(c >= demo_edit.CONFIDENT).float().mean().item()
+                              for c in (held_out_confidence, noise_confidence)]
+    print(f"verdicts at >= {demo_edit.CONFIDENT}: {reached:.3f} of held-out images, {noise_reached:.3f} of noise images")
+    assert reached >= 0.95 and noise_reached <= 0.5
+
+
+def test_a_foreign_image_gets_no_verdict_unless_the_classifier_is_confident():
+    unsure, sure = torch.tensor([0.5, 0.3, 0.2]), torch.tensor([0.995, 0.004, 0.001])
+    assert demo_edit.judged_success(unsure, 0, from_data_set=False) is None
+    assert demo_edit.judged_success(unsure, 0, from_data_set=True) is True
+    assert demo_edit.judged_success(sure, 0, from_data_set=False) is True
+    assert demo_edit.judged_success(sure, 1, from_data_set=False) is False
+
+
 def test_the_demo_writes_its_grid_and_metrics(tmp_path):
     from PIL import Image
 
     metrics = demo.main(["--steps", "6", "--num-maps", "2", "--out", str(tmp_path / "demo")])
     with Image.open(tmp_path / "demo.png") as grid:
-        assert grid.size == (7 * 32 * demo.SCALE, 32 * demo.SCALE + demo.LABEL_HEIGHT)
+        assert grid.size == (7 * 32 * demo_edit.SCALE, 32 * demo_edit.SCALE + demo_edit.TITLE_HEIGHT
+                             + demo_edit.LABEL_HEIGHT)
     assert json.loads((tmp_path / "demo.json").read_text()) == metrics
+    assert metrics["inputs"] == {"index": 0, "set": HELD_OUT_SEED, "target": None, "steps": 6, "cfg": 3.0,
+                                 "num_maps": 2, "seed": 0}
     assert set(metrics["methods"]) == {"NGDM", "edit-friendly", "NGDM + edit-friendly", "SDEdit 0.7", "hard mask"}
     for entry in metrics["methods"].values():
         assert 0 <= entry["ssim_outside_mask"] <= 1 and entry["psnr_outside_mask"] > 0
+        assert entry["edit_success"] in (True, False)
+
+
+def test_the_demo_writes_into_a_folder_given_as_out(tmp_path):
+    assert demo.output_paths(str(tmp_path)) == (tmp_path / "ngdm_demo.png", tmp_path / "ngdm_demo.json")
+    assert demo.output_paths(str(tmp_path / "new") + "/") == (tmp_path / "new" / "ngdm_demo.png",
+                                                               tmp_path / "new" / "ngdm_demo.json")
+    assert demo.output_paths(str(tmp_path / "run.v2")) == (tmp_path / "run.v2.png", tmp_path / "run.v2.json")
 
 
 def test_the_demo_edits_an_image_file(tmp_path):
@@ -106,12 +142,60 @@ def test_the_demo_edits_an_image_file(tmp_path):
     metrics = demo.main(["--image", str(tmp_path / "source.png"), "--target", "square", "--steps", "4",
                          "--num-maps", "1", "--out", str(tmp_path / "edit")])
     assert metrics["target_class"] == "square" and "weight_map_iou" not in metrics
+    assert metrics["inputs"]["image"] == str(tmp_path / "source.png") and "index" not in metrics["inputs"]
+    for entry in metrics["methods"].values():
+        # A confident verdict for the target is a success; an unsure one is no verdict.
+        if entry["target_probability"] >= demo_edit.CONFIDENT:
+            assert entry["edit_success"] is True
+        elif entry["target_probability"] > 1 - demo_edit.CONFIDENT:
+            assert entry["edit_success"] is None
     assert (tmp_path / "edit.png").exists()
 
 
-@pytest.mark.parametrize("option, value, message", [("--steps", "0", "--steps must be at least 1"),
-                                                    ("--cfg", "nan", "--cfg must be a finite number")])
-def test_the_demo_names_a_bad_option(tmp_path, option, value, message):
-    with pytest.raises(ValueError, match=message):
-        demo.main([option, value, "--out", str(tmp_path / "demo")])
-    assert not (tmp_path / "demo.png").exists()
+def bad_arguments(tmp_path):
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "a_file").write_text("")
+    return [
+        (["--num-maps", "0"], "--num-maps must be at least 1, got 0"),
+        (["--index", "-1"], "--index must be at least 0, got -1"),
+        (["--steps", "0"], "--steps must be at least 1, got 0"),
+        (["--cfg", "nan"], "--cfg must be a finite number"),
+        (["--image", str(tmp_path / "missing.png")], "--image: cannot read"),
+        (["--image", str(tmp_path / "notes.txt")], "--image: cannot read"),
+        (["--out", str(tmp_path / "a_file" / "demo")], "--out: "),
+        (["--steps", "many"], "argument --steps: invalid int value"),
+    ]
+
+
+def test_each_bad_demo_argument_exits_with_one_line_naming_it_before_torch_loads(tmp_path):
+    # A stand-in torch that cannot be imported: a check made after torch loads fails on it instead.
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text("raise ImportError('torch was imported')\n")
+    repository = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(repository)])}
+    for arguments, message in bad_arguments(tmp_path):
+        run = subprocess.run([sys.executable, "-m", "ngdm_core.demo", *arguments, "--out", str(tmp_path / "out")]
+                             if "--out" not in arguments else [sys.executable, "-m", "ngdm_core.demo", *arguments],
+                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+        lines = run.stderr.strip().splitlines()
+        assert run.returncode != 0 and len(lines) == 1 and message in lines[0], (arguments, run.stderr)
+        assert not (tmp_path / "out.png").exists()
+
+
+def test_training_writes_to_the_working_folder_and_resumes_as_one_run(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from ngdm_core.shapes import training
+    from ngdm_core.shapes.model import UNET_FILE
+
+    shipped = UNET_FILE.read_bytes()
+    monkeypatch.chdir(tmp_path)
+    tiny = ["--batch-size", "2", "--train-size", "8", "--checkpoint-every", "2", "--threads", "1"]
+    training.main(["unet", "--steps", "2", *tiny])
+    training.main(["unet", "--steps", "4", "--resume", *tiny])
+    training.main(["unet", "--steps", "4", "--out", "whole.safetensors", *tiny])
+    assert UNET_FILE.read_bytes() == shipped
+    resumed, whole = load_file(tmp_path / "shapes_unet.safetensors"), load_file(tmp_path / "whole.safetensors")
+    assert resumed.keys() == whole.keys() and all(torch.equal(resumed[key], whole[key]) for key in whole)
+    with pytest.raises(ValueError, match="--resume: .* was saved with"):
+        training.main(["unet", "--steps", "6", "--resume", "--lr", "0.5", *tiny])

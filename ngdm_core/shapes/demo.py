@@ -1,136 +1,139 @@
-"""Edit one image with every method on the pack's own shapes model: ``python -m ngdm_core.shapes.demo`` (or ``python -m ngdm_core.demo``).
+"""Edit one image with every method on the pack's own shapes model: ``python -m ngdm_core.demo`` (or ``python -m ngdm_core.shapes.demo``).
 
 Writes a labelled PNG grid (source, weight map, NGDM, edit-friendly, NGDM over the inversion,
-SDEdit, hard-mask blending) and a JSON of the metrics for that image. No download, no ComfyUI.
+SDEdit, hard-mask blending) and a JSON of the inputs and of the metrics for that image. No
+download, no ComfyUI. This module is the command line: it checks every argument before torch
+loads, and only then imports the work (:mod:`.demo_edit`).
 """
 
 import argparse
-import json
-import sys
-import time
+import math
+import os
+import tempfile
 from pathlib import Path
 
-import numpy as np
-import torch
+from .catalog import CLASSES, HELD_OUT_SEED, IMAGE_SIZE
 
-from ..validation import require_at_least, require_finite_number
-from .data import CLASSES, HELD_OUT_SEED, IMAGE_SIZE, class_index, make_batch
-from .edits import (EditSettings, dilated, edit_friendly, edit_success, invert, iou, per_pixel_time, psnr,
-                           sdedit, ssim, weights)
-from .model import load_classifier, load_denoiser
-
-SCALE = 6
-LABEL_HEIGHT = 16
-PRESERVE_MARGIN = 2  # pixels of dilation around the ground-truth mask before measuring preservation
-SDEDIT_STRENGTH = 0.7
-EDIT_FRIENDLY_SKIP = 0.3
+PROG = "python -m ngdm_core.demo"
+DEFAULT_STEM = "ngdm_demo"
+# The shapes model is small (626 k parameters, 32x32 images): a call holds too little work to split
+# well across threads, and on a busy machine extra threads contend (the test suite saw ten-fold
+# slowdowns from torch's default of one thread per core), so the demo runs on one.
+TORCH_THREADS = 1
 
 
-def load_image(path: str) -> torch.Tensor:
-    """An image file as a (1, 3, 32, 32) tensor in [-1, 1], area-resized."""
-    from PIL import Image
+class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each default; an option whose default is None says in its help what happens without it."""
 
-    with Image.open(path) as image:
-        image = image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX)
-        array = np.asarray(image, dtype=np.float32) / 127.5 - 1
-    return torch.from_numpy(array).permute(2, 0, 1)[None]
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
-def to_tile(image: torch.Tensor) -> np.ndarray:
-    """A (C, H, W) image in [-1, 1] (or a one-channel map in [0, 1] shown as grey) as upscaled RGB bytes."""
-    if image.shape[0] == 1:
-        image = image.expand(3, -1, -1) * 2 - 1
-    array = ((image.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-    return array.repeat(SCALE, axis=0).repeat(SCALE, axis=1)
+class OneLineParser(argparse.ArgumentParser):
+    """Every error is one line naming the option, with no usage block and no traceback."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def write_grid(columns: dict[str, torch.Tensor], path: Path) -> None:
-    from PIL import Image, ImageDraw
+def parser() -> argparse.ArgumentParser:
+    arguments = OneLineParser(prog=PROG, description=__doc__.splitlines()[0],
+                              formatter_class=DefaultsShown)
+    arguments.add_argument("--index", type=int, default=0, help="which source of the data set to edit (0 or more)")
+    arguments.add_argument("--set", type=int, default=HELD_OUT_SEED,
+                           help="the data set's seed (0 trains the model, 1 is held out, 2 is the benchmark's)")
+    arguments.add_argument("--image", help=f"edit this image file (resized to {IMAGE_SIZE}x{IMAGE_SIZE}) instead of "
+                                           "a data-set source; --index and --set are then unused (default: none)")
+    arguments.add_argument("--source-class", choices=CLASSES,
+                           help="the class --image shows (default: the classifier's verdict)")
+    arguments.add_argument("--target", choices=CLASSES, help="the class to edit into (default: the class after the source's)")
+    arguments.add_argument("--steps", type=int, default=50, help="sampling steps of every method")
+    arguments.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
+    arguments.add_argument("--num-maps", type=int, default=10, help="noise seeds averaged into the weight map")
+    arguments.add_argument("--seed", type=int, default=0, help="seeds every noise (0 or more)")
+    arguments.add_argument("--out", default=DEFAULT_STEM,
+                           help=f"a file stem: writes OUT.png and OUT.json; or a folder (one that exists, or a path "
+                                f"ending in /): writes {DEFAULT_STEM}.png and {DEFAULT_STEM}.json in it")
+    return arguments
 
-    tile = IMAGE_SIZE * SCALE
-    grid = Image.new("RGB", (tile * len(columns), tile + LABEL_HEIGHT), "white")
-    draw = ImageDraw.Draw(grid)
-    for column, (label, image) in enumerate(columns.items()):
-        grid.paste(Image.fromarray(to_tile(image)), (column * tile, LABEL_HEIGHT))
-        draw.text((column * tile + 3, 2), label, fill="black")
-    grid.save(path)
+
+def output_paths(out: str) -> tuple[Path, Path]:
+    """The grid's and the metrics' paths for ``--out``: a folder or a file stem."""
+    stem = Path(out)
+    if out.endswith(("/", os.sep)) or stem.is_dir():
+        stem = stem / DEFAULT_STEM
+    return stem.parent / f"{stem.name}.png", stem.parent / f"{stem.name}.json"
 
 
-def run(args) -> dict:
-    require_at_least("--steps", args.steps, 1)
-    require_finite_number("--cfg", args.cfg)
-    settings = EditSettings(steps=args.steps, cfg=args.cfg, seed=args.seed, num_maps=args.num_maps)
-    denoiser, classifier = load_denoiser(), load_classifier()
+def require_writable(paths: tuple[Path, ...]) -> str | None:
+    """Why ``paths`` cannot be written, or None. Writes a scratch file, since permissions alone mislead root."""
+    folder = paths[0].parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for path in paths:
+            if path.is_dir():
+                return f"{path} is a folder"
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except (FileExistsError, NotADirectoryError):
+        return f"{folder} is not a folder (a file is in the way)"
+    except OSError as error:
+        return f"cannot write into {folder}: {error.strerror or error}"
+    return None
+
+
+def read_image(path: str):
+    """The file's pixels as (H, W, 3) uint8, area-resized to the model's size; raises OSError if unreadable."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BOX)
+            return np.asarray(image, dtype=np.uint8)
+    except UnidentifiedImageError as error:
+        raise OSError("not an image file PIL can read") from error
+
+
+def checked_arguments(argv=None):
+    """The parsed arguments, or an exit with one line naming the bad option; nothing heavy is loaded."""
+    arguments = parser()
+    args = arguments.parse_args(argv)
+    for option, value, minimum in (("--steps", args.steps, 1), ("--num-maps", args.num_maps, 1),
+                                   ("--index", args.index, 0), ("--set", args.set, 0), ("--seed", args.seed, 0)):
+        if value < minimum:
+            arguments.error(f"{option} must be at least {minimum}, got {value}")
+    if not math.isfinite(args.cfg):
+        arguments.error(f"--cfg must be a finite number, got {args.cfg}")
+    if args.source_class and not args.image:
+        arguments.error("--source-class describes --image; without --image the data set knows the class")
+    args.pixels = None
     if args.image:
-        source, mask = load_image(args.image), None
-        source_class = class_index(args.source_class) if args.source_class else int(classifier(source).argmax())
-    else:
-        item = make_batch(args.set, 1, start=args.index)
-        source, mask, source_class = item.images, item.masks, int(item.labels[0])
-    target_class = class_index(args.target) if args.target else (source_class + 1) % len(CLASSES)
-    target = torch.tensor([target_class])
-    source_label = torch.tensor([source_class])
-    log = lambda line: print(line, file=sys.stderr, flush=True)
-    log(f"editing a {CLASSES[source_class]} into a {CLASSES[target_class]}, {settings.steps} steps")
-
-    timings = {}
-
-    def timed(name, make):
-        started = time.time()
-        result = make()
-        timings[name] = round(time.time() - started, 3)
-        log(f"[{len(timings)}/7] {name}: {timings[name]:.1f} s")
-        return result
-
-    soft = timed("weight map", lambda: weights(denoiser, source, source_label, target, settings))
-    hard = (soft > 0.5).to(soft.dtype)
-    inversion = timed("edit-friendly inversion", lambda: invert(denoiser, source, source_label, settings,
-                                                                 EDIT_FRIENDLY_SKIP))
-    edits = {
-        "NGDM": timed("NGDM", lambda: per_pixel_time(denoiser, source, target, soft, settings)),
-        "edit-friendly": timed("edit-friendly", lambda: edit_friendly(denoiser, inversion, target, settings)),
-        "NGDM + edit-friendly": timed("NGDM + edit-friendly",
-                                      lambda: edit_friendly(denoiser, inversion, target, settings, soft)),
-        f"SDEdit {SDEDIT_STRENGTH}": timed("SDEdit", lambda: sdedit(denoiser, source, target, settings,
-                                                                    SDEDIT_STRENGTH)),
-        "hard mask": timed("hard mask", lambda: per_pixel_time(denoiser, source, target, hard, settings, "linear")),
-    }
-    metrics = {"source_class": CLASSES[source_class], "target_class": CLASSES[target_class],
-               "steps": settings.steps, "cfg": settings.cfg, "seed": settings.seed, "seconds": timings, "methods": {}}
-    if mask is not None:
-        keep = 1 - dilated(mask, PRESERVE_MARGIN)
-        metrics["weight_map_iou"] = {"soft": iou(soft, mask).item(), "binary": iou(hard, mask).item()}
-    for name, image in edits.items():
-        probabilities = classifier(image.clamp(-1, 1)).softmax(1)[0]
-        entry = {"edit_success": bool(edit_success(classifier, image, target)[0]),
-                 "target_probability": round(probabilities[target_class].item(), 4)}
-        if mask is not None:
-            entry["psnr_outside_mask"] = round(psnr(image, source, keep).item(), 2)
-            entry["ssim_outside_mask"] = round(ssim(image, source, keep).item(), 4)
-        metrics["methods"][name] = entry
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_grid({"source": source[0], "weight map": soft[0], **{name: image[0] for name, image in edits.items()}},
-               out.with_suffix(".png"))
-    out.with_suffix(".json").write_text(json.dumps(metrics, indent=2))
-    log(f"wrote {out.with_suffix('.png')} and {out.with_suffix('.json')}")
-    return metrics
+        try:
+            args.pixels = read_image(args.image)
+        except OSError as error:
+            arguments.error(f"--image: cannot read {args.image}: {error.strerror or error}")
+    args.paths = output_paths(args.out)
+    problem = require_writable(args.paths)
+    if problem:
+        arguments.error(f"--out: {problem}")
+    return args
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--index", type=int, default=0, help="which held-out source to edit")
-    parser.add_argument("--set", type=int, default=HELD_OUT_SEED, help="the data set seed the source comes from")
-    parser.add_argument("--image", help="edit this image file instead (resized to 32x32)")
-    parser.add_argument("--source-class", choices=CLASSES, help="the class of --image (default: the classifier's)")
-    parser.add_argument("--target", choices=CLASSES, help="the class to edit into (default: the next one)")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--cfg", type=float, default=3.0)
-    parser.add_argument("--num-maps", type=int, default=10, help="noise seeds averaged into the weight map")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="ngdm_demo", help="output path without extension (.png and .json)")
+    args = checked_arguments(argv)
+    # Imported only now, so a bad argument is reported before torch loads.
+    import torch
+
+    from .demo_edit import DemoSource, edit_with_every_method
+    from .edits import EditSettings
+
+    torch.set_num_threads(TORCH_THREADS)
+    source = DemoSource(index=args.index, data_set=args.set, image_path=args.image, image=args.pixels,
+                        source_class=args.source_class)
+    settings = EditSettings(steps=args.steps, cfg=args.cfg, seed=args.seed, num_maps=args.num_maps)
     with torch.no_grad():
-        return run(parser.parse_args(argv))
+        return edit_with_every_method(source, args.target, settings, *args.paths)
 
 
 if __name__ == "__main__":

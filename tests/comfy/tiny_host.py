@@ -86,6 +86,14 @@ def pack_module(name=""):
     return sys.modules[f"{package}.{name}" if name else package]
 
 
+def pack_nodes():
+    """The node classes ComfyUI's loader registered from this pack, by node id."""
+    import nodes
+    module = f"custom_nodes.{PACK_DIR_NAME}"
+    return {node_id: cls for node_id, cls in nodes.NODE_CLASS_MAPPINGS.items()
+            if getattr(cls, "RELATIVE_PYTHON_MODULE", None) == module}
+
+
 def init_weights(module, seed):
     """ComfyUI's layers skip initialisation; give the tiny models small random weights."""
     import torch
@@ -394,6 +402,8 @@ def run_prompt(prompt):
     if not executor.success:
         errors = [data for event, data in executor.status_messages if event == "execution_error"]
         raise RuntimeError(f"execution failed: {errors}")
+    # What each node showed on itself (its ui output), as the prompt's history gives it to the UI.
+    CAPTURED["ui"] = executor.history_result["outputs"]
     return CAPTURED
 
 

@@ -1,0 +1,16 @@
+"""What the shapes world holds, without torch: its classes, image size and data-set seeds.
+
+Kept apart from :mod:`.data` so the demo's command line can check its arguments before torch loads.
+"""
+
+CLASSES = ("circle", "square", "triangle")
+IMAGE_SIZE = 32
+
+TRAINING_SEED = 0
+HELD_OUT_SEED = 1
+
+
+def class_index(name: str) -> int:
+    if name not in CLASSES:
+        raise ValueError(f"class must be one of {CLASSES}, got {name!r}")
+    return CLASSES.index(name)

@@ -1,0 +1,42 @@
+"""The quality benchmark's command line: checked at the start, and never overwriting the committed results."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+BENCHMARK = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "quality_benchmark.py"
+
+
+@pytest.fixture(scope="module")
+def benchmark():
+    spec = importlib.util.spec_from_file_location("quality_benchmark", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def with_matplotlib(monkeypatch):
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: object() if name == "matplotlib"
+                        else found(name, *rest))
+
+
+def test_default_settings_write_the_committed_results_and_others_do_not(benchmark, with_matplotlib):
+    assert pathlib.Path(benchmark.parse_arguments([]).out) == benchmark.COMMITTED_RESULTS
+    other = pathlib.Path(benchmark.parse_arguments(["--count", "20"]).out)
+    assert other.resolve() != benchmark.COMMITTED_RESULTS.resolve() and other.name == "quality_count20_steps20_cfg3"
+
+
+def test_non_default_settings_cannot_be_written_over_the_committed_results(benchmark, with_matplotlib, capsys):
+    with pytest.raises(SystemExit):
+        benchmark.parse_arguments(["--steps", "4", "--out", str(benchmark.COMMITTED_RESULTS)])
+    assert "--out" in capsys.readouterr().err
+
+
+def test_a_missing_matplotlib_stops_the_run_at_its_start(benchmark, monkeypatch, capsys):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None)
+    with pytest.raises(SystemExit):
+        benchmark.parse_arguments([])
+    assert "matplotlib" in capsys.readouterr().err
