@@ -248,6 +248,20 @@ def edge_preserving_noise(noise: torch.Tensor, edges: torch.Tensor, t, strength:
     return noise * ratio
 
 
+def _block_mean(image: torch.Tensor, block_height: int, block_width: int) -> torch.Tensor:
+    """The mean of each ``block_height`` x ``block_width`` block of a (B, C, H, W) image: area averaging by whole blocks.
+
+    An IMAGE moved channels-first is (B, H, W, C) in memory; summed in that order, block rows
+    first, each sum reads whole contiguous rows, which is several times faster than
+    interpolate's area mode, close to one pass over the image.
+    """
+    pixels = image.movedim(1, -1)
+    batch, height, width, channels = pixels.shape
+    rows = pixels.reshape(batch, height // block_height, block_height, width * channels).sum(dim=2)
+    blocks = rows.reshape(batch, height // block_height, width // block_width, block_width, channels).sum(dim=3)
+    return blocks.div_(block_height * block_width).movedim(-1, 1)
+
+
 def resize_to_latent(image: torch.Tensor, latent_size: tuple[int, int], name: str = "image") -> torch.Tensor:
     """Area-average a (B, C, H, W) ``image`` to ``latent_size`` (height, width), whose aspect must match to a pixel.
 
@@ -258,7 +272,10 @@ def resize_to_latent(image: torch.Tensor, latent_size: tuple[int, int], name: st
     if abs(height * latent_width / width - latent_height) > 1 or abs(width * latent_height / height - latent_width) > 1:
         raise ValueError(f"{name} is {height}x{width} pixels, which does not fit the aspect ratio of the "
                          f"{latent_height}x{latent_width} latent")
-    resized = F.interpolate(image, size=(latent_height, latent_width), mode="area")
+    if height % latent_height or width % latent_width:
+        resized = F.interpolate(image, size=(latent_height, latent_width), mode="area")
+    else:
+        resized = _block_mean(image, height // latent_height, width // latent_width)
     # Checked after averaging, which keeps any NaN or inf, at a fraction of the cost on a large image.
     require_finite_tensor(name, resized)
     return resized

@@ -260,6 +260,14 @@ def test_edge_preserving_noise_keeps_shape_and_dtype_and_is_deterministic(dtype)
     assert torch.isfinite(edge_preserving_noise(noise, edges, 0.0, lambda_min=1e-6)).all()  # G / lambda = 1e6
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 64, 96), (1, 1, 16, 24)])
+def test_resize_by_whole_blocks_is_interpolates_area_mean_in_any_memory_layout(shape):
+    image = randn(shape, seed=4)
+    expected = torch.nn.functional.interpolate(image, size=(8, 12), mode="area")
+    for layout in (image, image.movedim(1, -1).contiguous().movedim(-1, 1)):
+        torch.testing.assert_close(resize_to_latent(layout, (8, 12)), expected, rtol=0, atol=1e-12)
+
+
 def test_resize_to_latent_area_averages_and_allows_one_latent_pixel_of_slack():
     image = randn((1, 3, 64, 96), seed=11)
     resized = resize_to_latent(image, (8, 12))
