@@ -14,8 +14,7 @@ Then edits the quality benchmark's first sources (data seed 2) into their other 
 and with edit-friendly inversion, each with no rectifier, the reconstruction-trained one and the
 edit-trained one: the same Euler steps, CFG, seeded noise and settings for all three. Edit
 success and preservation (PSNR and SSIM outside the union of the source's and the target's
-objects, dilated by 2 px) are the
-quality benchmark's. Also the held-out directional loss and L1 to the source of the target-class
+objects, dilated by 2 px) are the quality benchmark's. Also the held-out directional loss and L1 to the source of the target-class
 x0 estimate at fixed timesteps. Writes the key ``rectifier`` into
 ``benchmarks/results/quality.json``, leaving its other keys as they are, and prints a table.
 """
