@@ -42,7 +42,7 @@ def linear_start_sigmas(weights: torch.Tensor, sigmas: torch.Tensor, to_timestep
     and ``.sigma``), and the end of the range is ``max(sigma_min, sigmas[-1])`` as in
     DifferentialDiffusion. Both conversions are required: the mapping is linear in the model's
     timestep, and an identity stand-in would make it linear in sigma, starting far higher
-    (at weight 0.5 over 20 steps of an SD schedule, sigma 79 instead of 3.4).
+    (at weight 0.5 over 20 steps of the shapes model's schedule, sigma 79 instead of 3.4).
     """
     if to_timestep is None or to_sigma is None:
         raise ValueError("the linear mapping needs the model's timestep conversions: pass to_timestep and to_sigma "
