@@ -32,8 +32,8 @@ from ngdm_core.ngdm import diffedit_mask, ngdm_weights
 from ngdm_core.shapes.data import make_batch, other_class
 from ngdm_core.shapes.demo import DefaultsShown
 from ngdm_core.shapes.edits import (EditSettings, EvaluationCounter, ddim_reconstruction, dilated, edit_friendly,
-                                    edit_success, ground_truth_edit, invert, iou, map_difference, per_pixel_time, psnr,
-                                    sdedit, ssim)
+                                    change_map, edit_success, ground_truth_edit, invert, iou, map_difference,
+                                    per_pixel_time, psnr, sdedit, ssim)
 from ngdm_core.shapes.model import load_classifier, load_denoiser
 
 BENCHMARK_SEED = 2  # neither the training set (0) nor the held-out set the tests use (1)
@@ -41,7 +41,8 @@ PRESERVE_MARGIN = 2
 SDEDIT_STRENGTHS = (0.3, 0.5, 0.7, 0.9)
 HARD_MASK_STRENGTHS = (0.5, 0.7, 0.9, 1.0)
 SOFT_MAPS = ((5, 2.5), (10, 5), (20, 10), (20, 6))  # (a, b) of the paper's sigmoid
-NGDM_STARTS = (1.0, 0.7, 0.5)  # sigma_T as a fraction of the schedule, as SDEdit's strength
+CHANGE_MAP_STEPS = (10, 20)  # the cheap edit's steps, over the whole schedule
+STARTS = (1.0, 0.7, 0.5)  # NGDM's sigma_T as a fraction of the schedule, as SDEdit's strength
 EDIT_FRIENDLY_SKIPS = (0.0, 0.2, 0.4, 0.6)
 NGDM_EDIT_FRIENDLY_SKIP = 0.2
 RULES = {"first_at_or_below": "", "last_at_or_above": ", paper's start rule"}
@@ -115,10 +116,17 @@ class Run:
                                                                 self.settings, skip))
 
 
-def soft_map(a, b, conditional_only=False):
+def soft_map(a, b, conditional_only=False, zero_floor=False):
     def build(run: Run) -> Costed:
         difference = run.difference(conditional_only)
-        return Costed(ngdm_weights(difference.value, a=a, b=b), difference.evaluations)
+        return Costed(ngdm_weights(difference.value, a=a, b=b, zero_floor=zero_floor), difference.evaluations)
+    return build
+
+
+def changed_region(steps):
+    def build(run: Run) -> Costed:
+        return run.costed(("change", steps), lambda: change_map(run.denoiser, run.source, run.source_class,
+                                                                run.target_class, run.settings, steps))
     return build
 
 
@@ -127,11 +135,20 @@ def binary_map(run: Run) -> Costed:
     return Costed(diffedit_mask(difference.value), difference.evaluations)
 
 
-# Every weight map the benchmark scores and edits with, by name.
+# Every weight map the benchmark scores and edits with, by name: the paper's soft map at several
+# (a, b), with the zero floor, from the conditional predictions alone, and the map from the change.
 MAP_MODES = {"DiffEdit binary": binary_map,
              **{f"soft a={a}, b={b}": soft_map(a, b) for a, b in SOFT_MAPS},
-             "soft a=10, b=5, conditional only": soft_map(10, 5, conditional_only=True)}
-NGDM_MAPS = [f"soft a={a}, b={b}" for a, b in SOFT_MAPS] + ["soft a=10, b=5, conditional only"]
+             "soft a=10, b=5, zero floor": soft_map(10, 5, zero_floor=True),
+             "soft a=20, b=10, zero floor": soft_map(20, 10, zero_floor=True),
+             "soft a=10, b=5, conditional only": soft_map(10, 5, conditional_only=True),
+             **{f"change, {steps} steps": changed_region(steps) for steps in CHANGE_MAP_STEPS}}
+# The maps each per-pixel method edits with, and NGDM's starts for each.
+NGDM_STARTS = {"soft a=5, b=2.5": STARTS[:2], "soft a=10, b=5": STARTS, "soft a=20, b=10": STARTS[:2],
+               "soft a=20, b=6": STARTS[:2], "soft a=10, b=5, zero floor": STARTS,
+               "soft a=20, b=10, zero floor": STARTS[:2], "soft a=10, b=5, conditional only": STARTS[:1],
+               **{f"change, {steps} steps": STARTS for steps in CHANGE_MAP_STEPS}}
+DIFFERENTIAL_DIFFUSION_MAPS = ("soft a=5, b=2.5", "soft a=10, b=5", "soft a=20, b=10", "soft a=10, b=5, zero floor")
 RULE_MAP = "soft a=10, b=5"  # where the two start rules are compared
 
 
@@ -177,12 +194,12 @@ def main(argv=None):
         record("hard mask (DiffEdit map)", f"strength {strength}",
                lambda: per_pixel_time(denoiser, run.source, target_class, strength * binary.value, settings, "linear"),
                binary)
-    for name in NGDM_MAPS[:3]:
+    for name in DIFFERENTIAL_DIFFUSION_MAPS:
         record("DifferentialDiffusion", name,
                lambda: per_pixel_time(denoiser, run.source, target_class, maps[name].value, settings, "linear"),
                maps[name])
-    for name in NGDM_MAPS:
-        for start in NGDM_STARTS:
+    for name, starts in NGDM_STARTS.items():
+        for start in starts:
             rules = RULES if name == RULE_MAP else {"first_at_or_below": ""}
             for rule, label in rules.items():
                 record(f"NGDM{label}", f"{name}, start {start}",
@@ -193,7 +210,7 @@ def main(argv=None):
         record("edit-friendly", f"skip {skip}",
                lambda: edit_friendly(denoiser, inversion.value, target_class, settings), inversion)
     inversion = run.inversion(NGDM_EDIT_FRIENDLY_SKIP)
-    for name in NGDM_MAPS:
+    for name in NGDM_STARTS:
         rules = RULES if name == RULE_MAP else {"first_at_or_below": ""}
         for rule, label in rules.items():
             record(f"NGDM + edit-friendly{label}", f"{name}, skip {NGDM_EDIT_FRIENDLY_SKIP}",

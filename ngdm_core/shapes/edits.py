@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..change_map import change_weights
 from ..denoisers import classifier_free_guidance
 from ..edit_friendly import edit, edit_per_pixel_time, first_edit_step, invert_ddim, invert_edit_friendly
 from ..ngdm import diffedit_mask, ngdm_weights, prompt_difference, sample_per_pixel_time
@@ -23,7 +24,7 @@ from .data import make_batch
 from .model import ShapesDenoiser
 
 # What a draw is for: each has its own stream, so one method's draws never shift another's.
-START_NOISE, MAP_NOISE, INVERSION_NOISE = range(3)
+START_NOISE, MAP_NOISE, INVERSION_NOISE, CHANGE_MAP_NOISE = range(4)
 
 
 @dataclass
@@ -93,6 +94,15 @@ def weights(denoiser: ShapesDenoiser, source, source_class, target_class, settin
     """The soft NGDM map (``mode="ngdm"``) or DiffEdit's binary one (``"diffedit"``), from the items' own noises."""
     difference = map_difference(denoiser, source, source_class, target_class, settings, indices)
     return diffedit_mask(difference) if mode == "diffedit" else ngdm_weights(difference, a=a, b=b)
+
+
+def change_map(denoiser, source, source_class, target_class, settings: EditSettings, steps: int,
+               indices=None) -> torch.Tensor:
+    """:func:`ngdm_core.change_map.change_weight_map` with each item's own draws: where an edit-friendly edit of ``steps`` steps changed the source."""
+    model = guided(denoiser, settings)
+    noise = item_noise(source, settings, CHANGE_MAP_NOISE, indices, leading=(steps + 1,))
+    inversion = invert_edit_friendly(model, source, denoiser.sigmas(steps), source_class, noise=noise)
+    return change_weights(source, edit(model, inversion, target_class))
 
 
 def sdedit(denoiser, source, target_class, settings: EditSettings, strength: float, indices=None) -> torch.Tensor:
