@@ -46,7 +46,7 @@ STARTS = (1.0, 0.7, 0.5)  # NGDM's sigma_T as a fraction of the schedule, as SDE
 EDIT_FRIENDLY_SKIPS = (0.0, 0.2, 0.4, 0.6)
 NGDM_EDIT_FRIENDLY_SKIP = 0.2
 RULES = {"first_at_or_below": "", "last_at_or_above": ", paper's start rule"}
-SUCCESS_LEVELS = (0.9, 0.95, 1.0)
+SUCCESS_LEVELS = (0.9, 0.95, 0.98, 1.0)
 
 DEFAULT_SETTINGS = {"count": 100, "steps": 20, "cfg": 3.0}
 COMMITTED_RESULTS = Path(__file__).parent / "results" / "quality"
@@ -148,7 +148,8 @@ NGDM_STARTS = {"soft a=5, b=2.5": STARTS[:2], "soft a=10, b=5": STARTS, "soft a=
                "soft a=20, b=6": STARTS[:2], "soft a=10, b=5, zero floor": STARTS,
                "soft a=20, b=10, zero floor": STARTS[:2], "soft a=10, b=5, conditional only": STARTS[:1],
                **{f"change, {steps} steps": STARTS for steps in CHANGE_MAP_STEPS}}
-DIFFERENTIAL_DIFFUSION_MAPS = ("soft a=5, b=2.5", "soft a=10, b=5", "soft a=20, b=10", "soft a=10, b=5, zero floor")
+DIFFERENTIAL_DIFFUSION_MAPS = ("soft a=5, b=2.5", "soft a=10, b=5", "soft a=20, b=10", "soft a=10, b=5, zero floor",
+                               "change, 10 steps")
 RULE_MAP = "soft a=10, b=5"  # where the two start rules are compared
 
 
