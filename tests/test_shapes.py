@@ -11,8 +11,8 @@ import torch
 
 from ngdm_core.shapes import demo, demo_edit
 from ngdm_core.shapes.data import CLASSES, HELD_OUT_SEED, TRAINING_SEED, make_batch
-from ngdm_core.shapes.edits import (EditSettings, dilated, ground_truth_edit, iou, per_pixel_time, psnr, sdedit,
-                                    ssim)
+from ngdm_core.shapes.edits import (EditSettings, dilated, edit_friendly, ground_truth_edit, invert, iou, per_pixel_time,
+                                    psnr, sdedit, ssim)
 from ngdm_core.shapes.model import load_classifier, load_denoiser
 
 
@@ -127,6 +127,10 @@ def test_an_items_edit_does_not_depend_on_its_batch():
     assert torch.allclose(together[3:4], alone, atol=1e-5)
     assert torch.allclose(sdedit(denoiser, batch.images, target, settings, 0.5)[3:4],
                           sdedit(denoiser, batch.images[3:4], target[3:4], settings, 0.5, indices=[3]), atol=1e-5)
+    replayed = [edit_friendly(denoiser, invert(denoiser, images, labels, settings, 0.25, indices), targets, settings)
+                for images, labels, targets, indices in ((batch.images, batch.labels, target, None),
+                                                         (batch.images[3:4], batch.labels[3:4], target[3:4], [3]))]
+    assert torch.allclose(replayed[0][3:4], replayed[1], atol=1e-5)
 
 
 def test_the_shapes_models_conversions_are_comfyuis_model_sampling_discrete():
