@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..ngdm import diffedit_mask, ngdm_weights
 from .catalog import CLASSES, HELD_OUT_SEED, IMAGE_SIZE
 from .data import make_batch
 from .edits import (EditSettings, dilated, edit_friendly, ground_truth_edit, invert, iou, map_difference,
                     per_pixel_time, psnr, sdedit, ssim)
-from ..ngdm import diffedit_mask, ngdm_weights
 from .model import load_classifier, load_denoiser
 
 SCALE = 6

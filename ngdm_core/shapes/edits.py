@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from ..change_map import change_weights
 from ..denoisers import classifier_free_guidance
 from ..edit_friendly import edit, edit_per_pixel_time, first_edit_step, invert_ddim, invert_edit_friendly
-from ..ngdm import diffedit_mask, ngdm_weights, prompt_difference, sample_per_pixel_time
+from ..ngdm import prompt_difference, sample_per_pixel_time
 from ..samplers import sample_euler
 from ..schedule import noise_source
 from .data import make_batch
@@ -40,7 +40,7 @@ class EvaluationCounter:
     """The denoiser, counting model evaluations: a call on a batch of ``B`` items counts ``B``.
 
     One evaluation is one U-Net forward pass for one item (a guided step is two: conditional and
-    unconditional). ``per_item(count)`` is the total divided by the number of edited items.
+    unconditional).
     """
 
     def __init__(self, denoiser: ShapesDenoiser):
@@ -53,9 +53,6 @@ class EvaluationCounter:
 
     def __getattr__(self, name):
         return getattr(self.denoiser, name)
-
-    def per_item(self, count: int) -> float:
-        return self.evaluations / count
 
 
 def item_indices(source: torch.Tensor, indices=None) -> list[int]:
@@ -87,13 +84,6 @@ def map_difference(denoiser, source, source_class, target_class, settings: EditS
     noise = item_noise(source, settings, MAP_NOISE, indices, leading=(settings.num_maps,))
     return prompt_difference(model, source, source_class, target_class, denoiser.sigma_at(settings.map_strength),
                              noise)
-
-
-def weights(denoiser: ShapesDenoiser, source, source_class, target_class, settings: EditSettings, mode="ngdm",
-            a: float = 10.0, b: float = 5.0, indices=None) -> torch.Tensor:
-    """The soft NGDM map (``mode="ngdm"``) or DiffEdit's binary one (``"diffedit"``), from the items' own noises."""
-    difference = map_difference(denoiser, source, source_class, target_class, settings, indices)
-    return diffedit_mask(difference) if mode == "diffedit" else ngdm_weights(difference, a=a, b=b)
 
 
 def change_map(denoiser, source, source_class, target_class, settings: EditSettings, steps: int,
