@@ -191,16 +191,16 @@ def _directions(jacobian: MaskedJacobian, before: Counter, vectors, values, iter
 @_with_autograd
 def top_directions(jacobian: MaskedJacobian, k: int = 3, max_iter: int = 50, tol: float = 1e-5, seed: int = 0,
                    progress=None) -> Directions:
-    """The top-``k`` right singular directions of ``jacobian`` by block (subspace) power iteration.
+    """The top-``k`` right singular directions of ``jacobian``, all ``k`` at once by LOBPCG on ``J^T J``.
 
     Stops once every direction's residual is at most ``tol`` or after ``max_iter`` iterations;
     ``progress(done, max_iter)`` is called after each iteration and may raise to abort.
     """
     _check_iteration(k, max_iter, tol, _most_directions(jacobian))
     before = Counter(jacobian.counts)
-    start = _start(jacobian, k, seed)
-    found = _iterate(jacobian, start, start[:0], max_iter, tol, progress and (lambda done: progress(done, max_iter)))
-    return _directions(jacobian, before, *found)
+    vectors, values, iterations, converged, residual, _ = _lobpcg(
+        jacobian, None, 1.0, k, 0, max_iter, tol, seed, progress and (lambda done: progress(done, max_iter)))
+    return _directions(jacobian, before, vectors, values.clamp_min(0).sqrt(), iterations, converged, residual)
 
 
 @_with_autograd
@@ -285,13 +285,16 @@ def _orthonormal_span(rows: torch.Tensor, images: torch.Tensor, keep: float) -> 
     return transform @ rows, transform @ images
 
 
-def _ratio_ritz(basis, images, inside_weight, outside_weight, ridge, k):
+def _ritz(basis, images, inside_weight, outside_weight, ridge, k):
     """Rayleigh-Ritz of the pencil on the orthonormal rows ``basis``: the top-``k`` Ritz vectors, images and values.
 
     The small pencil needs only ``F``'s images of the basis: ``v^T J_in^T J_in v = |mask F v|^2``.
+    Without ``outside_weight`` the pencil is ``(J_in^T J_in, ridge I)``.
     """
     inside = ((images * inside_weight) @ images.T).double()
-    outside = ((images * outside_weight) @ images.T).double() + ridge * torch.eye(len(basis), dtype=torch.float64)
+    outside = ridge * torch.eye(len(basis), dtype=torch.float64)
+    if outside_weight is not None:
+        outside = outside + ((images * outside_weight) @ images.T).double()
     lower = torch.linalg.cholesky(outside)
     reduced = torch.linalg.solve_triangular(lower, torch.linalg.solve_triangular(lower, inside, upper=False).T,
                                             upper=False)
@@ -300,44 +303,46 @@ def _ratio_ritz(basis, images, inside_weight, outside_weight, ridge, k):
     return coefficients @ basis, coefficients @ images, values[-k:].flip(0).to(basis.dtype)
 
 
-@_with_autograd
-def ratio_directions(linearisation: Linearisation, mask: torch.Tensor, k: int = 3, ridge: float = 1.0,
-                     max_iter: int = 200, tol: float = 1e-3, seed: int = 0, progress=None) -> RatioDirections:
-    """The ``k`` directions of ``h`` with the largest ratio of inside to outside response, by LOBPCG.
+def _lobpcg(jacobian: MaskedJacobian, outside_weight, ridge: float, k: int, guard: int, max_iter: int, tol: float,
+            seed: int, progress) -> tuple:
+    """The top-``k`` eigenvectors of the pencil ``(J^T J, J_out^T J_out + ridge I)`` by LOBPCG, ``k + guard`` at once.
 
-    Each iteration searches the span of the current directions, their residuals and the previous
-    directions (Knyazev's locally optimal block CG, no preconditioner). It costs one JVP of the
-    ``k`` residuals and one VJP of ``2k`` covectors; the images of the other rows follow by
-    linearity. Stops once every relative residual is at most ``tol``, or after ``max_iter``.
+    ``J`` is ``jacobian``; ``outside_weight`` (the squared outside mask, flat) may be None for
+    ``(J^T J, ridge I)``. Each iteration searches the span of the current vectors, their
+    residuals and the previous vectors (Knyazev's locally optimal block CG, no preconditioner).
+    It costs one JVP of the residuals and one VJP of the vectors (twice as many covectors with
+    an outside); the images of the other rows follow by linearity. Stops once every relative
+    residual ``|A v - value B v| / (value |B v|)`` of the top ``k`` is at most ``tol``, or after
+    ``max_iter``. Returns unit ``vectors`` (k, n), ``values``, iterations, converged, residual,
+    and the absolute ridge (``ridge`` is relative to the outside's mean energy when there is one).
     """
-    require_positive("ridge", ridge)
-    inside = MaskedJacobian(linearisation, mask)
-    _check_iteration(k, max_iter, tol, linearisation.h.numel())
-    weight = inside.mask.expand_as(linearisation.eps).reshape(1, -1)
-    inside_weight, outside_weight = weight ** 2, (1 - weight) ** 2
+    linearisation = jacobian.linearisation
+    inside_weight = jacobian.mask.expand_as(linearisation.eps).reshape(1, -1) ** 2
     keep = math.sqrt(torch.finfo(linearisation.work_dtype).eps)
 
     def images_of(rows):
-        inside.counts.update(jvp_calls=1, jvp_vectors=len(rows))
+        jacobian.counts.update(jvp_calls=1, jvp_vectors=len(rows))
         return linearisation.jvp(rows).flatten(1)
 
-    block = min(k + GUARD_VECTORS, linearisation.h.numel())
-    basis = _orthonormal_rows(_start(inside, block, seed))
+    block = min(k + guard, linearisation.h.numel())
+    basis = _orthonormal_rows(_start(jacobian, block, seed))
     images = images_of(basis)
-    # The ridge in units of J_out's mean energy per direction: E |J_out v|^2 = |J_out|_F^2 / n for a random unit v.
-    ridge = ridge * float((images.square() * outside_weight).sum(dim=1).mean())
-    vectors, vector_images, ratios = _ratio_ritz(basis, images, inside_weight, outside_weight, ridge, block)
+    if outside_weight is not None:
+        # The ridge in units of J_out's mean energy per direction: E |J_out v|^2 = |J_out|_F^2 / n for a random unit v.
+        ridge = ridge * float((images.square() * outside_weight).sum(dim=1).mean())
+    vectors, vector_images, values = _ritz(basis, images, inside_weight, outside_weight, ridge, block)
     previous = previous_images = None
     for iteration in range(1, max_iter + 1):
-        weighted = torch.cat([vector_images * inside_weight, vector_images * outside_weight])
-        inside.counts.update(vjp_calls=1, vjp_vectors=len(weighted))
-        pulled = linearisation.vjp(weighted.reshape(-1, *linearisation.eps.shape)).flatten(1)
-        on_inside, on_outside = pulled[:block], pulled[block:] + ridge * vectors
-        residuals = on_inside - ratios[:, None] * on_outside
-        turn = residuals.norm(dim=1) / (ratios * on_outside.norm(dim=1)).clamp_min(torch.finfo(ratios.dtype).tiny)
+        weights = [inside_weight] if outside_weight is None else [inside_weight, outside_weight]
+        covectors = torch.cat([vector_images * weight for weight in weights])
+        jacobian.counts.update(vjp_calls=1, vjp_vectors=len(covectors))
+        pulled = linearisation.vjp(covectors.reshape(-1, *linearisation.eps.shape)).flatten(1)
+        on_outside = ridge * vectors + (pulled[block:] if outside_weight is not None else 0)
+        residuals = pulled[:block] - values[:, None] * on_outside
+        turn = residuals.norm(dim=1) / (values * on_outside.norm(dim=1)).clamp_min(torch.finfo(values.dtype).tiny)
         residual = turn[:k].max().item()
         if progress is not None:
-            progress(iteration, max_iter)
+            progress(iteration)
         if residual <= tol:
             break
         rows, row_images = [vectors, residuals], [vector_images, images_of(residuals)]
@@ -346,12 +351,29 @@ def ratio_directions(linearisation: Linearisation, mask: torch.Tensor, k: int = 
             row_images.append(previous_images)
         basis, images = _orthonormal_span(torch.cat(rows), torch.cat(row_images), keep)
         previous, previous_images = vectors, vector_images
-        vectors, vector_images, ratios = _ratio_ritz(basis, images, inside_weight, outside_weight, ridge, block)
-    vectors, ratios = vectors[:k] / vectors[:k].norm(dim=1, keepdim=True), ratios[:k]
+        vectors, vector_images, values = _ritz(basis, images, inside_weight, outside_weight, ridge, block)
+    vectors = vectors[:k] / vectors[:k].norm(dim=1, keepdim=True)
+    return vectors, values[:k], iteration, residual <= tol, residual, ridge
+
+
+@_with_autograd
+def ratio_directions(linearisation: Linearisation, mask: torch.Tensor, k: int = 3, ridge: float = 1.0,
+                     max_iter: int = 200, tol: float = 1e-3, seed: int = 0, progress=None) -> RatioDirections:
+    """The ``k`` directions of ``h`` with the largest ratio of inside to outside response, by LOBPCG (:func:`_lobpcg`).
+
+    ``k + GUARD_VECTORS`` vectors are iterated; ``progress(done, max_iter)`` is called after each iteration.
+    """
+    require_positive("ridge", ridge)
+    inside = MaskedJacobian(linearisation, mask)
+    _check_iteration(k, max_iter, tol, linearisation.h.numel())
+    outside_weight = (1 - inside.mask).expand_as(linearisation.eps).reshape(1, -1) ** 2
+    vectors, ratios, iterations, converged, residual, ridge = _lobpcg(
+        inside, outside_weight, ridge, k, GUARD_VECTORS, max_iter, tol, seed,
+        progress and (lambda done: progress(done, max_iter)))
     signs = torch.sign(vectors.gather(1, vectors.abs().argmax(dim=1, keepdim=True)))
     counts = inside.counts
-    return RatioDirections((signs * vectors).reshape(k, *linearisation.h.shape[1:]), ratios, ridge, iteration,
-                           residual <= tol, residual, counts["jvp_calls"], counts["jvp_vectors"], counts["vjp_calls"],
+    return RatioDirections((signs * vectors).reshape(k, *linearisation.h.shape[1:]), ratios, ridge, iterations,
+                           converged, residual, counts["jvp_calls"], counts["jvp_vectors"], counts["vjp_calls"],
                            counts["vjp_vectors"])
 
 
