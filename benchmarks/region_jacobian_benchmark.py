@@ -59,7 +59,8 @@ def main():
             print(f"{label}: {results[label][0]:.2f} s, {found.iterations} iterations, {found.jvp_vectors} JVP and "
                   f"{found.vjp_vectors} VJP vectors, residual {found.residual:.1e}, converged {found.converged}, "
                   f"singular values {[round(v, 4) for v in found.singular_values.tolist()]}")
-        agreement = (results["batched block (LOBPCG)"][1].vectors * results["sequential deflation"][1].vectors).flatten(1)
+        batched, sequential = results["batched block (LOBPCG)"][1], results["sequential deflation"][1]
+        agreement = (batched.vectors * sequential.vectors).flatten(1)
         print(f"|cos| between the two methods' directions: {[round(v, 4) for v in agreement.sum(dim=1).abs().tolist()]}")
         print(f"sequential / batched wall time at tol {TOL}: "
               f"{results['sequential deflation'][0] / results['batched block (LOBPCG)'][0]:.2f}")

@@ -134,7 +134,9 @@ def _orthonormal_rows(rows: torch.Tensor) -> torch.Tensor:
 
 def _iterate(jacobian: MaskedJacobian, start: torch.Tensor, found: torch.Tensor, max_iter: int, tol: float,
              progress) -> tuple:
-    """Subspace iteration on ``J^T J`` from the rows of ``start``, kept orthogonal to the rows of ``found``.
+    """Power (subspace) iteration on ``J^T J`` from the rows of ``start``, kept orthogonal to the rows of ``found``.
+
+    The sequential baseline runs it one row at a time, deflating the directions found before.
 
     Each iteration is one JVP and one VJP of the whole block. The SVD of ``J V`` (Rayleigh-Ritz)
     rotates the block onto the current singular-vector estimates, sorted by singular value.

@@ -26,7 +26,8 @@ def source():
 def test_the_split_forward_and_an_identity_hook_give_bit_identical_eps(denoiser):
     unet = denoiser.unet
     generator = torch.Generator().manual_seed(0)
-    x, t, labels = torch.randn(3, 3, 32, 32, generator=generator), torch.tensor([5.0, 400.5, 999.0]), torch.tensor([0, 2, 3])
+    x = torch.randn(3, 3, 32, 32, generator=generator)
+    t, labels = torch.tensor([5.0, 400.5, 999.0]), torch.tensor([0, 2, 3])
     with torch.no_grad():
         eps = unet(x, t, labels)
         assert torch.equal(unet(x, t, labels, bottleneck=lambda h, _: h), eps)

@@ -27,7 +27,7 @@ def edit_start(denoiser: ShapesDenoiser, source: torch.Tensor, settings: EditSet
 
 
 def bottleneck_function(denoiser: ShapesDenoiser, x: torch.Tensor, sigma, label) -> tuple:
-    """``(f, h)``: the U-Net's eps as a function of its bottleneck at the state ``x`` (``x0 + sigma * eps``), and ``h`` there.
+    """``(f, h)``: the U-Net's eps as a function of its bottleneck at the state ``x`` (``x0 + sigma * eps``), and ``h``.
 
     ``label`` is the class the U-Net runs under. ``f`` keeps the encoder's skip connections and
     embedding fixed, as ComfyUI's output-block patch does.
@@ -56,7 +56,10 @@ class ShiftedBottleneck:
 
 def shifted_denoiser(denoiser: ShapesDenoiser, direction: torch.Tensor, strength: float,
                      sigma_low: float = 0.0, sigma_high: float = float("inf")) -> ShapesDenoiser:
-    """``denoiser`` with its bottleneck shifted along ``direction`` (C, h, w) while sigma is in ``[sigma_low, sigma_high]``."""
+    """``denoiser`` with its bottleneck shifted along ``direction`` (C, h, w) for sigmas in ``[sigma_low, sigma_high]``.
+
+    A shallow copy: the schedule and the U-Net's weights are shared, and ``denoiser`` is left as it is.
+    """
     if sigma_low > sigma_high:
         raise ValueError(f"sigma_low ({sigma_low}) must not exceed sigma_high ({sigma_high})")
     shifted = copy.copy(denoiser)
