@@ -108,17 +108,15 @@ def masked_jacobian(f: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, 
     return MaskedJacobian(linearisation, mask.detach().clone())
 
 
-@dataclass
-class Directions:
-    """Top right singular vectors of a masked Jacobian and what finding them cost.
+@dataclass(kw_only=True)
+class SearchCost:
+    """How a search ended and what it cost.
 
-    ``residual`` is the largest ``tan`` of the angle between a direction ``v`` and ``J^T J v``:
-    how far a direction would still turn in one more iteration. A product over a batch of
-    vectors counts as one call; ``*_vectors`` count the vectors, one forward-pass-sized
-    JVP or VJP each.
+    ``residual`` is the largest relative residual of a direction (for singular directions, the
+    ``tan`` of the angle between ``v`` and ``J^T J v``: how far it would still turn in one more
+    iteration). A product over a batch of vectors counts as one call; ``*_vectors`` count the
+    vectors, one forward-pass-sized JVP or VJP each.
     """
-    vectors: torch.Tensor  # (k, *h.shape[1:]), unit length, by singular value descending
-    singular_values: torch.Tensor  # (k,)
     iterations: int
     converged: bool
     residual: float
@@ -126,6 +124,27 @@ class Directions:
     jvp_vectors: int
     vjp_calls: int
     vjp_vectors: int
+
+
+@dataclass
+class Directions(SearchCost):
+    """Top right singular vectors of a masked Jacobian and what finding them cost."""
+    vectors: torch.Tensor  # (k, *h.shape[1:]), unit length, by singular value descending
+    singular_values: torch.Tensor  # (k,)
+
+
+def _search_cost(counts: Counter, iterations: int, converged: bool, residual: float) -> dict:
+    return dict(iterations=iterations, converged=converged, residual=residual, jvp_calls=counts["jvp_calls"],
+                jvp_vectors=counts["jvp_vectors"], vjp_calls=counts["vjp_calls"], vjp_vectors=counts["vjp_vectors"])
+
+
+def _signed(vectors: torch.Tensor, h_shape) -> torch.Tensor:
+    """Unit rows (k, n) as directions (k, *h_shape[1:]), each signed so its largest entry is positive.
+
+    An eigenvector's sign is arbitrary: fixing it makes a direction the same whatever the seed.
+    """
+    signs = torch.sign(vectors.gather(1, vectors.abs().argmax(dim=1, keepdim=True)))
+    return (signs * vectors).reshape(len(vectors), *h_shape[1:])
 
 
 def _orthonormal_rows(rows: torch.Tensor) -> torch.Tensor:
@@ -182,12 +201,8 @@ def _start(jacobian: MaskedJacobian, k: int, seed: int) -> torch.Tensor:
 
 
 def _directions(jacobian: MaskedJacobian, before: Counter, vectors, values, iterations, converged, residual):
-    # A singular vector's sign is arbitrary: fix it so its largest entry is positive, whatever the seed.
-    signs = torch.sign(vectors.gather(1, vectors.abs().argmax(dim=1, keepdim=True)))
-    counts = jacobian.counts - before
-    return Directions(
-        (signs * vectors).reshape(len(vectors), *jacobian.linearisation.h.shape[1:]), values, iterations, converged,
-        residual, counts["jvp_calls"], counts["jvp_vectors"], counts["vjp_calls"], counts["vjp_vectors"])
+    return Directions(_signed(vectors, jacobian.linearisation.h.shape), values,
+                      **_search_cost(jacobian.counts - before, iterations, converged, residual))
 
 
 @_with_autograd
@@ -250,7 +265,7 @@ def confine(inside, outside_basis) -> torch.Tensor:
 
 
 @dataclass
-class RatioDirections:
+class RatioDirections(SearchCost):
     """Top generalised eigenvectors of ``(J_in^T J_in, J_out^T J_out + ridge I)`` and what finding them cost.
 
     ``ratios`` are ``|J_in v|^2 / (|J_out v|^2 + ridge |v|^2)``; ``ridge`` is the absolute one used.
@@ -259,13 +274,6 @@ class RatioDirections:
     vectors: torch.Tensor  # (k, *h.shape[1:]), unit length, by ratio descending
     ratios: torch.Tensor  # (k,)
     ridge: float
-    iterations: int
-    converged: bool
-    residual: float
-    jvp_calls: int
-    jvp_vectors: int
-    vjp_calls: int
-    vjp_vectors: int
 
 
 # Extra vectors searched beside the k wanted: the top ratios of a trained model are close together,
@@ -372,11 +380,8 @@ def ratio_directions(linearisation: Linearisation, mask: torch.Tensor, k: int = 
     vectors, ratios, iterations, converged, residual, ridge = _lobpcg(
         inside, outside_weight, ridge, k, GUARD_VECTORS, max_iter, tol, seed,
         progress and (lambda done: progress(done, max_iter)))
-    signs = torch.sign(vectors.gather(1, vectors.abs().argmax(dim=1, keepdim=True)))
-    counts = inside.counts
-    return RatioDirections((signs * vectors).reshape(k, *linearisation.h.shape[1:]), ratios, ridge, iterations,
-                           converged, residual, counts["jvp_calls"], counts["jvp_vectors"], counts["vjp_calls"],
-                           counts["vjp_vectors"])
+    return RatioDirections(_signed(vectors, linearisation.h.shape), ratios, ridge,
+                           **_search_cost(inside.counts, iterations, converged, residual))
 
 
 CONFINEMENTS = ("ratio", "rank1", "none")
