@@ -1,4 +1,4 @@
-"""Region Jacobian directions on the shipped shapes model: leakage of actual edits, per confinement, at equal change inside.
+"""Region Jacobian directions on the shipped shapes model: leakage of actual edits per confinement, equal change inside.
 
     flock /tmp/cpu-heavy.lock python benchmarks/region_quality_benchmark.py   # 32 sources, about 6 minutes on 1 thread
 
