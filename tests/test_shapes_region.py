@@ -71,3 +71,18 @@ def test_the_ratio_direction_leaks_less_than_the_unconfined_one_in_an_actual_edi
         assert inside > 0.1  # a visible edit: RMS change per inside pixel value, images in [-1, 1]
     # Measured 0.150 against 0.271 (1.81x) on this source at shift 10.
     assert leakage["ratio"] * 1.5 <= leakage["none"]
+
+
+def test_a_trajectory_probe_at_the_first_step_alone_is_the_first_states_function_scaled_by_its_sigma(denoiser, source):
+    images, labels, masks = source
+    sigma = region.edit_sigmas(denoiser, SETTINGS, EDIT_STRENGTH)[0]
+    at_start = region.find_directions(denoiser, images, labels, masks, SETTINGS, EDIT_STRENGTH, k=2,
+                                      confinement="none")
+    # One probe stands for every step: its weight is the whole fall in sigma, from sigma to 0.
+    probed = region.find_directions(denoiser, images, labels, masks, SETTINGS, EDIT_STRENGTH, probe_steps=(0,), k=2,
+                                    confinement="none")
+    cosines = (at_start.vectors * probed.vectors).flatten(1).sum(dim=1).abs()
+    assert (cosines >= 0.999).all()
+    torch.testing.assert_close(probed.values, sigma * at_start.values, rtol=1e-3, atol=0)
+    with pytest.raises(ValueError, match="probe_steps must be step indices from 0 to 4"):
+        region.trajectory_function(denoiser, images, labels, SETTINGS, EDIT_STRENGTH, (0, 5))

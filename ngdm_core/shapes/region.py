@@ -13,16 +13,22 @@ import torch
 
 from ..region_jacobian import RegionDirections, region_directions
 from ..schedule import noise_source
-from .edits import EditSettings, _noise, dilated, sdedit
+from ..samplers import sample_euler
+from .edits import EditSettings, _noise, dilated, guided, sdedit
 from .model import ShapesDenoiser
 
 PRESERVE_MARGIN = 2  # pixels the mask is dilated by before the outside is measured, as in the quality benchmark
 
 
+def edit_sigmas(denoiser: ShapesDenoiser, settings: EditSettings, strength: float) -> torch.Tensor:
+    """The sigmas :func:`.edits.sdedit` steps through at ``strength`` of the schedule, ending at 0."""
+    sigmas = denoiser.sigmas(settings.steps)
+    return sigmas[min(round((1 - strength) * settings.steps), settings.steps - 1):]
+
+
 def edit_start(denoiser: ShapesDenoiser, source: torch.Tensor, settings: EditSettings, strength: float) -> tuple:
     """``(x, sigma)``: the first state of :func:`.edits.sdedit` at ``strength`` of the schedule."""
-    sigmas = denoiser.sigmas(settings.steps)
-    sigma = sigmas[min(round((1 - strength) * settings.steps), settings.steps - 1)]
+    sigma = edit_sigmas(denoiser, settings, strength)[0]
     return noise_source(source, _noise(source, settings.seed), sigma), sigma
 
 
@@ -68,14 +74,46 @@ def shifted_denoiser(denoiser: ShapesDenoiser, direction: torch.Tensor, strength
     return shifted
 
 
-def find_directions(denoiser: ShapesDenoiser, source: torch.Tensor, label, mask: torch.Tensor,
-                    settings: EditSettings, strength: float, **search) -> RegionDirections:
-    """Region directions for one source (1, 3, H, W) and its mask (1, 1, H, W), at the first state of its edit.
+def trajectory_function(denoiser: ShapesDenoiser, source: torch.Tensor, label, settings: EditSettings,
+                        strength: float, probe_steps) -> tuple:
+    """``(g, 0)``: a shift of the bottleneck mapped to the first-order change of the edit's result, and no shift.
 
-    ``search`` goes to :func:`ngdm_core.region_jacobian.region_directions` (k, confinement, ...).
+    ``g(delta) = sum_i w_i eps_i(h_i + delta)`` over the plain edit's states at ``probe_steps``
+    (indices into its steps, the first 0), ``w_i`` the fall in sigma over the steps probe ``i``
+    stands for, up to the next probe: an Euler step moves the image by its sigma's fall times
+    eps. It leaves out how a step's change carries through the later steps.
     """
-    x, sigma = edit_start(denoiser, source, settings, strength)
-    f, h = bottleneck_function(denoiser, x, sigma, label)
+    sigmas = edit_sigmas(denoiser, settings, strength)
+    steps = sorted(set(int(step) for step in probe_steps))
+    if not steps or steps[0] < 0 or steps[-1] >= len(sigmas) - 1:
+        raise ValueError(f"probe_steps must be step indices from 0 to {len(sigmas) - 2}, got {list(probe_steps)}")
+    states = []
+    model = guided(denoiser, settings)
+    labels = torch.as_tensor(label).reshape(-1)
+    sample_euler(lambda x, sigma: model(x, sigma, labels), edit_start(denoiser, source, settings, strength)[0], sigmas,
+                 callback=lambda step: states.append(step["x"]))
+    ends = steps[1:] + [len(sigmas) - 1]
+    probes = [(float(sigmas[step] - sigmas[end]), *bottleneck_function(denoiser, states[step], sigmas[step], label))
+              for step, end in zip(steps, ends)]
+
+    def g(delta):
+        return sum(weight * f(h + delta) for weight, f, h in probes)
+
+    return g, torch.zeros_like(probes[0][2])
+
+
+def find_directions(denoiser: ShapesDenoiser, source: torch.Tensor, label, mask: torch.Tensor,
+                    settings: EditSettings, strength: float, probe_steps=None, **search) -> RegionDirections:
+    """Region directions for one source (1, 3, H, W) and its mask (1, 1, H, W).
+
+    Found at the first state of its edit; or, with ``probe_steps``, for the change of the whole
+    edit's result, from the states at those steps (:func:`trajectory_function`). ``search`` goes
+    to :func:`ngdm_core.region_jacobian.region_directions` (k, confinement, ...).
+    """
+    if probe_steps is None:
+        f, h = bottleneck_function(denoiser, *edit_start(denoiser, source, settings, strength), label)
+    else:
+        f, h = trajectory_function(denoiser, source, label, settings, strength, probe_steps)
     return region_directions(f, h, mask, **search)
 
 
