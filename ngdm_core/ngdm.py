@@ -177,14 +177,27 @@ def normalize_per_item(maps: torch.Tensor) -> torch.Tensor:
     return torch.where(span > 0, (maps - low) / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(maps))
 
 
-def ngdm_weights(difference: torch.Tensor, smoothing: float = 1.0, a: float = 10.0, b: float = 5.0) -> torch.Tensor:
-    """NGDM's soft map: smooth, normalise to [0, 1], then ``sigmoid(a * A - b)``."""
+def ngdm_weights(difference: torch.Tensor, smoothing: float = 1.0, a: float = 10.0, b: float = 5.0,
+                 zero_floor: bool = False) -> torch.Tensor:
+    """NGDM's soft map: smooth, normalise to [0, 1], then ``sigmoid(a * A - b)``.
+
+    The paper's sigmoid never reaches 0 (Lambda >= sigmoid(-b)), so every pixel of the
+    background is re-noised a little. ``zero_floor`` (a departure from the paper) rescales the
+    sigmoid affinely so that A = 0 gives exactly 0 and A = 1 gives 1: the least-changed pixels
+    then stay the source exactly.
+    """
     require_positive("a", a)
     require_finite_number("b", b)
     require_finite_number("smoothing", smoothing)
     if smoothing < 0:
         raise ValueError(f"smoothing must be non-negative, got {smoothing}")
-    return torch.sigmoid(a * normalize_per_item(gaussian_blur(difference, smoothing)) - b)
+    normalized = normalize_per_item(gaussian_blur(difference, smoothing))
+    weights = torch.sigmoid(a * normalized - b)
+    if not zero_floor:
+        return weights
+    low, high = torch.sigmoid(torch.tensor(-b, dtype=torch.float64)), torch.sigmoid(torch.tensor(a - b, dtype=torch.float64))
+    # Exactly 0 where A = 0, whatever the sigmoid's rounding (a constant map is A = 0 everywhere).
+    return torch.where(normalized > 0, ((weights - float(low)) / float(high - low)).clamp(0, 1), torch.zeros_like(weights))
 
 
 def diffedit_mask(difference: torch.Tensor, clamp_ratio: float = 3.0) -> torch.Tensor:
@@ -202,13 +215,20 @@ def map_noise(source: torch.Tensor, num_maps: int, seed: int) -> torch.Tensor:
 
 def weight_map(denoiser, source: torch.Tensor, source_cond, target_cond, sigma: float, num_maps: int = 10,
                seed: int = 0, mode: str = "ngdm", smoothing: float = 1.0, a: float = 10.0, b: float = 5.0,
-               parametrization: str = "vp", max_batch: int | None = None, progress=None) -> torch.Tensor:
+               parametrization: str = "vp", max_batch: int | None = None, progress=None,
+               zero_floor: bool = False) -> torch.Tensor:
     """Lambda for editing ``source`` from ``source_cond`` to ``target_cond``, in [0, 1].
 
     The shape is the source's with one channel: (B, 1, H, W), or (B, 1, F, H, W) for a 5-D source.
 
     The source is noised to ``sigma`` with ``num_maps`` seeded noises; ``mode`` is ``"ngdm"``
-    (soft, the paper's section 3.4) or ``"diffedit"`` (binary, for comparison).
+    (soft, the paper's section 3.4, with ``zero_floor`` as :func:`ngdm_weights` says) or
+    ``"diffedit"`` (binary, for comparison).
+
+    With plain classifier-free guidance the guided difference is ``cfg`` times the conditional
+    one (the unconditional prediction is the same for both prompts and cancels), and both maps
+    are invariant to that scale, so ``denoiser`` may be the unguided conditional model: the same
+    map for half the model evaluations.
     """
     require_finite_tensor("source", source)
     require_at_least("number of maps", num_maps, 1)
@@ -217,10 +237,10 @@ def weight_map(denoiser, source: torch.Tensor, source_cond, target_cond, sigma: 
         raise ValueError(f"mode must be one of {WEIGHT_MAP_MODES}, got {mode!r}")
     if mode == "ngdm":
         # Checked before any model call, so a bad knob fails at once.
-        ngdm_weights(torch.zeros(1, 1, 1, 1), smoothing, a, b)
+        ngdm_weights(torch.zeros(1, 1, 1, 1), smoothing, a, b, zero_floor)
     difference = prompt_difference(denoiser, source, source_cond, target_cond, sigma,
                                    map_noise(source, num_maps, seed), parametrization,
                                    max_batch, progress)
     if mode == "diffedit":
         return diffedit_mask(difference)
-    return ngdm_weights(difference, smoothing, a, b)
+    return ngdm_weights(difference, smoothing, a, b, zero_floor)

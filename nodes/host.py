@@ -36,6 +36,13 @@ def host_start_sigmas(model_sampling, weights, sigmas, mapping):
                         sigma_min=float(model_sampling.sigma_min))
 
 
+def edit_sigmas(model_sampling, steps, strength):
+    """The "simple" schedule KSampler runs for ``steps`` steps at ``denoise`` = ``strength``, ending at 0."""
+    if strength > 0.9999:
+        return comfy.samplers.calculate_sigmas(model_sampling, "simple", steps).cpu()
+    return comfy.samplers.calculate_sigmas(model_sampling, "simple", int(steps / strength))[-(steps + 1):].cpu()
+
+
 def ordered_widgets(node, lower, upper, **values):
     """A ``validate_inputs`` result: True, or what is wrong, where widget ``lower`` must not exceed ``upper``.
 

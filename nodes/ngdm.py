@@ -7,14 +7,21 @@ import comfy.samplers
 import torch
 from comfy_api.latest import io, ui
 
+from ..ngdm_core.change_map import change_weight_map
 from ..ngdm_core.ngdm import (MAPPINGS, WEIGHT_MAP_MODES, noised_source_reference, per_pixel_time_denoiser, started,
                               weight_map)
 from ..ngdm_core.validation import require_unit_interval
-from .host import (CATEGORY, as_sampled, guided_denoiser, host_start_sigmas, parametrization, progress_reporter,
-                   require_conditioning, require_pixelwise_latent, require_sampling_run, seeds_per_call,
-                   to_image_resolution)
+from .host import (CATEGORY, as_sampled, edit_sigmas, guided_denoiser, host_start_sigmas, parametrization,
+                   progress_reporter, require_conditioning, require_pixelwise_latent, require_sampling_run,
+                   seeds_per_call, to_image_resolution)
 
 MASK_FUNCTION_KEY = "ngdm_per_pixel_time_mask"
+# The map from the change a cheap edit makes; a mode of the node only, since it needs a schedule.
+CHANGE_MODE = "change"
+# Model options through which a patch changes how cond and uncond combine: with any of them the
+# guided difference is no longer cfg times the conditional one.
+CFG_CHANGING_OPTIONS = ("sampler_cfg_function", "sampler_post_cfg_function", "sampler_pre_cfg_function",
+                        "sampler_calc_cond_batch_function", "disable_cfg1_optimization")
 MAPPING_TOOLTIP = ("ngdm: each pixel starts at sigma_k = sqrt((1 + sigma_T^2)^lambda - 1), so noise grows as the paper's "
                    "non-isotropic process. linear: DifferentialDiffusion's threshold on the normalised timestep, for comparison.")
 
@@ -42,7 +49,11 @@ class NGDMWeightMap(io.ComfyNode):
                 io.Float.Input("encode_strength", default=0.5, min=0.01, max=1.0, step=0.01,
                                tooltip="How far along the schedule the source is noised before comparing the prompts."),
                 io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
-                               tooltip="Classifier-free guidance scale of both predictions, against negative."),
+                               tooltip="Classifier-free guidance scale of both predictions, against negative. Under "
+                                       "plain CFG it only scales the difference, which the map normalises away, so "
+                                       "the node evaluates the two conditional predictions alone (half the model "
+                                       "calls, the same map); a model with a CFG patch is guided in full. In change "
+                                       "mode, the guidance of the cheap edit."),
                 io.Float.Input("smoothing", default=1.0, min=0.0, max=16.0, step=0.1,
                                tooltip="Gaussian blur of the difference map, in latent pixels (ngdm mode only)."),
                 io.Float.Input("a", default=10.0, min=0.01, max=100.0, step=0.1,
@@ -51,8 +62,20 @@ class NGDMWeightMap(io.ComfyNode):
                 io.Float.Input("b", default=5.0, min=-100.0, max=100.0, step=0.1,
                                tooltip="Sigmoid offset b in Lambda = sigmoid(a*A - b): larger b keeps more of the source "
                                        "(ngdm mode only)."),
-                io.Combo.Input("mode", options=list(WEIGHT_MAP_MODES), default="ngdm",
-                               tooltip="ngdm: the soft map. diffedit: DiffEdit's binary mask, for comparison."),
+                io.Combo.Input("mode", options=[*WEIGHT_MAP_MODES, CHANGE_MODE], default="ngdm",
+                               tooltip="ngdm: the soft map. diffedit: DiffEdit's binary mask, for comparison. change "
+                                       "(not in the paper): a short edit-friendly edit under the target first, then "
+                                       "Lambda = 1 where it changed the source (smoothed, thresholded, holes filled), "
+                                       "0 elsewhere; costs 2 x change_steps guided model calls."),
+                io.Boolean.Input("zero_floor", default=False, optional=True,
+                                 tooltip="ngdm mode: rescale the sigmoid so the least-changed pixels get exactly 0 "
+                                         "and stay the source (a departure from the paper, whose Lambda never "
+                                         "drops below sigmoid(-b), so it re-noises the background a little)."),
+                io.Int.Input("change_steps", default=10, min=1, max=200, optional=True,
+                             tooltip="change mode: steps of the cheap edit, from encode_strength down to 0."),
+                io.Float.Input("change_threshold", default=0.2, min=0.0, max=0.99, step=0.01, optional=True,
+                               tooltip="change mode: a pixel is in the map where the (smoothed) change reaches this "
+                                       "fraction of the item's largest change."),
             ],
             outputs=[
                 io.Mask.Output(display_name="weight_map", tooltip="Lambda at image resolution, for previews and mask nodes."),
@@ -62,7 +85,8 @@ class NGDMWeightMap(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, latent, source_conditioning, target_conditioning, negative, seed, num_maps,
-                encode_strength, cfg, smoothing, a, b, mode) -> io.NodeOutput:
+                encode_strength, cfg, smoothing, a, b, mode, zero_floor=False, change_steps=10,
+                change_threshold=0.2) -> io.NodeOutput:
         samples = latent["samples"]
         require_pixelwise_latent("latent", model, samples)
         for name, conditioning in (("source_conditioning", source_conditioning),
@@ -73,13 +97,20 @@ class NGDMWeightMap(io.ComfyNode):
         sigma = float(model_sampling.percent_to_sigma(1.0 - encode_strength))
         sampled = as_sampled(model, samples)
         source = model.model.process_latent_in(sampled.to(torch.float32)).to(model.load_device)
-        max_batch = seeds_per_call(model, sampled.shape, num_maps)
-        progress = progress_reporter(2 * -(-num_maps // max_batch))
         # Lambda keeps the sampled latent's shape, (B, 1, h, w) or (B, 1, 1, h, w): ComfyUI resizes a
         # 4-D noise_mask of a 5-D latent as one batch of frames.
-        weights = weight_map(guided_denoiser(model, negative, cfg, seed), source, source_conditioning, target_conditioning,
-                             sigma, num_maps=num_maps, seed=seed, mode=mode, smoothing=smoothing, a=a, b=b,
-                             parametrization=kind, max_batch=max_batch, progress=progress).cpu()
+        if mode == CHANGE_MODE:
+            weights = change_weight_map(guided_denoiser(model, negative, cfg, seed), source, source_conditioning,
+                                        target_conditioning, edit_sigmas(model_sampling, change_steps, encode_strength),
+                                        smoothing, change_threshold, kind, torch.Generator().manual_seed(seed),
+                                        progress_reporter(2 * change_steps)).cpu()
+        else:
+            max_batch = seeds_per_call(model, sampled.shape, num_maps)
+            map_cfg = 1.0 if cfg != 0 and not any(key in model.model_options for key in CFG_CHANGING_OPTIONS) else cfg
+            weights = weight_map(guided_denoiser(model, negative, map_cfg, seed), source, source_conditioning,
+                                 target_conditioning, sigma, num_maps=num_maps, seed=seed, mode=mode,
+                                 smoothing=smoothing, a=a, b=b, parametrization=kind, max_batch=max_batch,
+                                 progress=progress_reporter(2 * -(-num_maps // max_batch)), zero_floor=zero_floor).cpu()
         mask = to_image_resolution(weights.reshape(weights.shape[0], *weights.shape[-2:]), model)
         return io.NodeOutput(mask, {**latent, "noise_mask": weights}, ui=ui.PreviewMask(mask, cls=cls))
 

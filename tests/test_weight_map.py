@@ -1,6 +1,7 @@
 import torch
 
 from ngdm_core import GaussianDenoiser, classifier_free_guidance, weight_map
+from ngdm_core.change_map import change_weight_map, fill_holes
 from ngdm_core.ngdm import gaussian_blur
 
 SIZE = 32
@@ -87,3 +88,74 @@ def test_the_blur_treats_every_plane_alike_in_4d_and_5d():
         assert torch.allclose(blurred[:, channel:channel + 1], gaussian_blur(image[:, channel:channel + 1], 1.5))
     assert torch.allclose(gaussian_blur(torch.full((1, 2, 5, 5), 0.7), 1.5), torch.full((1, 2, 5, 5), 0.7))
     assert torch.equal(gaussian_blur(image.unsqueeze(2), 1.5), blurred.unsqueeze(2))
+
+
+def test_zero_floor_is_exactly_zero_where_the_prompts_agree_and_one_at_the_peak():
+    denoiser = prompts_differing_in_region()
+    paper = weight_map(denoiser, source_latent(), "source", "target", sigma=1.0, smoothing=0.0)
+    floored = weight_map(denoiser, source_latent(), "source", "target", sigma=1.0, smoothing=0.0, zero_floor=True)
+    least, most = paper == paper.min(), paper == paper.max()
+    assert paper.min() > 0 and floored[least].eq(0).all() and torch.allclose(floored[most], torch.ones(1))
+    # The same map, affinely rescaled: order kept, and the paper's floor removed.
+    low, high = torch.sigmoid(torch.tensor(-5.0)), torch.sigmoid(torch.tensor(5.0))
+    assert torch.allclose(floored, (paper - low) / (high - low), atol=1e-6)
+    same = weight_map(denoiser, source_latent(), "source", "source", sigma=1.0, zero_floor=True)
+    assert torch.equal(same, torch.zeros_like(same))
+
+
+def test_the_conditional_only_map_equals_the_guided_one_for_half_the_calls():
+    denoiser = prompts_differing_in_region()
+    guided_calls = []
+
+    def counted(x, sigma, cond):
+        guided_calls.append(x.shape[0])
+        return denoiser(x, sigma, cond)
+
+    for mode in ("ngdm", "diffedit"):
+        guided = weight_map(classifier_free_guidance(counted, "negative", 7.5), source_latent(), "source", "target",
+                            sigma=1.0, mode=mode, zero_floor=True)
+        conditional = weight_map(counted, source_latent(), "source", "target", sigma=1.0, mode=mode, zero_floor=True)
+        assert torch.allclose(guided, conditional, atol=1e-5)
+    assert guided_calls == [10] * 4 + [10] * 2 + [10] * 4 + [10] * 2
+
+
+def test_fill_holes_fills_enclosed_zeros_and_leaves_the_ones_touching_the_border():
+    ring = torch.zeros(1, 1, 9, 9)
+    ring[..., 2:7, 2:7] = 1
+    ring[..., 3:6, 3:6] = 0
+    filled = fill_holes(ring)
+    assert torch.equal(filled[..., 2:7, 2:7], torch.ones(1, 1, 5, 5))
+    assert filled.sum() == 25
+    open_ring = ring.clone()
+    open_ring[..., 4, 2:4] = 0  # a gap to the outside: nothing enclosed is left
+    assert torch.equal(fill_holes(open_ring), open_ring)
+    assert torch.equal(fill_holes(ring.unsqueeze(2)), filled.unsqueeze(2))
+
+
+def test_the_change_map_covers_the_union_of_the_old_and_new_object_on_the_shapes_model():
+    from ngdm_core.shapes.data import HELD_OUT_SEED, make_batch, other_class
+    from ngdm_core.shapes.edits import iou as soft_iou
+    from ngdm_core.shapes.model import load_denoiser
+
+    count, steps = 20, 20
+    denoiser = load_denoiser()
+    sources = make_batch(HELD_OUT_SEED, count)
+    targets = other_class(sources.labels)
+    union = torch.maximum(sources.masks, make_batch(HELD_OUT_SEED, count, shapes=targets.tolist()).masks)
+    calls = []
+
+    def counted(x, sigma, cond):
+        calls.append(x.shape[0])
+        return denoiser(x, sigma, cond)
+
+    weights = change_weight_map(classifier_free_guidance(counted, None, 3.0), sources.images, sources.labels, targets,
+                                denoiser.sigmas(steps), generator=torch.Generator().manual_seed(0))
+    overlap = soft_iou(weights, union).mean().item()
+    prompt_map = weight_map(classifier_free_guidance(denoiser, None, 3.0), sources.images, sources.labels, targets,
+                            sigma=denoiser.sigma_at(0.5), zero_floor=True)
+    print(f"\nchange map IoU with the union on {count} held-out sources: {overlap:.3f} "
+          f"({len(calls)} evaluations per item); prompt-difference map (zero floor): "
+          f"{soft_iou(prompt_map, union).mean().item():.3f} (40 evaluations)")
+    assert set(weights.unique().tolist()) <= {0.0, 1.0}
+    assert len(calls) == 4 * steps
+    assert overlap >= 0.6

@@ -66,15 +66,55 @@ def test_weight_map_batches_all_seeds_and_leaves_conditioning_untouched(host):
     mask, out = node(host, "NGDMWeightMap", model=model, latent=latent, source_conditioning=source,
                      target_conditioning=target, negative=negative, seed=0, num_maps=10, encode_strength=0.5, cfg=7.5,
                      smoothing=1.0, a=10.0, b=5.0, mode="ngdm")
-    # Every call holds all 10 seeds of both images. The host batches cond with uncond, except
-    # where only one of them carries a ControlNet (the target here), which it runs apart.
-    assert batch_sizes == [20, 20, 40]
+    # Under plain CFG only the two conditional predictions are evaluated, each call holding all
+    # 10 seeds of both images.
+    assert batch_sizes == [20, 20]
     assert mask.shape == (2, 8 * host.LATENT_SIZE, 8 * host.LATENT_SIZE)
     assert torch.equal(mask[:, ::8, ::8], out["noise_mask"][:, 0])
     assert "noise_mask" not in latent and torch.equal(latent["samples"], samples_before)
     for (tensor, options), cond in zip(snapshot, (source, target, negative)):
         assert torch.equal(cond[0][0], tensor) and cond[0][1] == options
     assert target[0][1]["control"] is control
+
+
+def test_the_map_from_the_conditional_predictions_alone_equals_the_guided_one_for_half_the_rows(host):
+    def post_cfg_identity(args):
+        return args["denoised"]
+
+    plain, plain_rows = host.count_model_calls(host.tiny_model("eps"))
+    patched = host.tiny_model("eps").clone()
+    # Any CFG patch makes the node guide in full; an identity one keeps the map comparable.
+    patched.set_model_sampler_post_cfg_function(post_cfg_identity)
+    patched, patched_rows = host.count_model_calls(patched)
+    inputs = dict(latent={"samples": torch.randn(2, 4, host.LATENT_SIZE, host.LATENT_SIZE)},
+                  source_conditioning=host.tiny_conditioning("source"),
+                  target_conditioning=host.tiny_conditioning("target"), negative=host.tiny_conditioning("negative"),
+                  seed=0, num_maps=4, encode_strength=0.5, cfg=7.5, smoothing=1.0, a=10.0, b=5.0, mode="ngdm",
+                  zero_floor=True)
+    conditional, _ = node(host, "NGDMWeightMap", model=plain, **inputs)
+    guided, _ = node(host, "NGDMWeightMap", model=patched, **inputs)
+    assert torch.allclose(conditional, guided, atol=1e-5)
+    assert sum(patched_rows) == 2 * sum(plain_rows) == 2 * 16
+
+
+def test_change_mode_maps_where_a_cheap_edit_changed_the_source(host):
+    model, batch_sizes = host.count_model_calls(host.tiny_model("eps"))
+    latent = {"samples": torch.randn(1, 4, host.LATENT_SIZE, host.LATENT_SIZE)}
+    inputs = dict(model=model, latent=latent, source_conditioning=host.tiny_conditioning("source"),
+                  negative=host.tiny_conditioning("negative"), seed=0, num_maps=1, encode_strength=0.6, cfg=5.0,
+                  smoothing=1.0, a=10.0, b=5.0, mode="change", change_steps=3, change_threshold=0.2)
+    mask, out = node(host, "NGDMWeightMap", target_conditioning=host.tiny_conditioning("target"), **inputs)
+    weights = out["noise_mask"]
+    assert weights.shape == (1, 1, host.LATENT_SIZE, host.LATENT_SIZE)
+    assert set(weights.unique().tolist()) == {0.0, 1.0}
+    # Three steps inverted and three replayed, each guided: cond and uncond in one call.
+    assert batch_sizes == [2] * 6
+    # The same prompt edits nothing: the replay retraces the inversion and the map is empty.
+    _, same = node(host, "NGDMWeightMap", target_conditioning=host.tiny_conditioning("source"), **inputs)
+    assert torch.equal(same["noise_mask"], torch.zeros_like(weights))
+    assert host.progress_updates_and_cancel(
+        lambda: node(host, "NGDMWeightMap", target_conditioning=host.tiny_conditioning("target"),
+                     **inputs)) == [(i, 6) for i in range(1, 7)]
 
 
 def test_bad_input_is_refused_with_the_inputs_name(host):
