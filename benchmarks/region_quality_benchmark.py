@@ -8,9 +8,10 @@ Euler steps, cfg 3), the bottleneck shifted at every step, cond and uncond. The 
 direction (``none``) is applied at shift ``--shift``; the paper's rank-1 projection (``rank1``)
 and the pack's ratio directions (``ratio``, found at the edit's first state as the node does, and
 for the whole edit from 3 of its states: ``confined_trajectory``) at the shift that gives the
-same change inside the mask (two proportional corrections of the shift). Leakage is ``|change outside the mask dilated by 2 px| / |change
-inside|`` in the final image. Writes only the key ``region_directions`` of
-``benchmarks/results/quality.json`` (with the default settings) and keeps every other key.
+same change inside the mask (two proportional corrections of the shift). Leakage is
+``|change outside the mask dilated by 2 px| / |change inside|`` in the final image. Writes only
+the key ``region_directions`` of ``benchmarks/results/quality.json`` (with the default settings)
+and keeps every other key.
 """
 
 import argparse
