@@ -1,10 +1,20 @@
 """Region-based editing (RBE): h-space directions whose effect on the model output stays inside a mask.
 
-``f(h) -> eps`` is the model as a function of its bottleneck activation ``h``. The top right
-singular vectors of ``J = d(mask * f)/dh`` change the masked region most; removing from them
-their component along the top right singular vectors of ``J_out = d((1 - mask) * f)/dh``
-confines the change to the region. Both operators share one linearisation of ``f`` at ``h``,
-so every product is one JVP or VJP of ``f`` and no Jacobian is ever materialised.
+``f(h) -> eps`` is the model as a function of its bottleneck activation ``h``, ``F`` its Jacobian
+at ``h``, ``J_in = mask * F`` and ``J_out = (1 - mask) * F``. Three confinements:
+
+- ``"ratio"`` (the pack's): the directions maximising ``|J_in v|^2 / (|J_out v|^2 + ridge' |v|^2)``,
+  the top eigenvectors of the pencil ``(J_in^T J_in, J_out^T J_out + ridge' I)``, found by
+  LOBPCG. They are confined by construction: a direction is ranked by how little it leaks.
+  The ridge keeps the ratio finite on ``J_out``'s null space, where it then prefers the
+  directions that change the inside most; ``ridge'`` is ``ridge`` times ``J_out``'s mean
+  energy per direction, ``|J_out|_F^2 / dim h``.
+- ``"rank1"`` (the authors'): the top right singular vectors of ``J_in`` less their component
+  along the top-``r`` right singular vectors of ``J_out`` (``r = 1`` in the paper).
+- ``"none"``: the top right singular vectors of ``J_in``.
+
+Every operator shares one linearisation of ``f`` at ``h``, so every product is one JVP or VJP
+of ``f`` and no Jacobian is ever materialised.
 """
 
 import math
@@ -98,17 +108,15 @@ def masked_jacobian(f: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, 
     return MaskedJacobian(linearisation, mask.detach().clone())
 
 
-@dataclass
-class Directions:
-    """Top right singular vectors of a masked Jacobian and what finding them cost.
+@dataclass(kw_only=True)
+class SearchCost:
+    """How a search ended and what it cost.
 
-    ``residual`` is the largest ``tan`` of the angle between a direction ``v`` and ``J^T J v``:
-    how far a direction would still turn in one more iteration. A product over a batch of
-    vectors counts as one call; ``*_vectors`` count the vectors, one forward-pass-sized
-    JVP or VJP each.
+    ``residual`` is the largest relative residual of a direction (for singular directions, the
+    ``tan`` of the angle between ``v`` and ``J^T J v``: how far it would still turn in one more
+    iteration). A product over a batch of vectors counts as one call; ``*_vectors`` count the
+    vectors, one forward-pass-sized JVP or VJP each.
     """
-    vectors: torch.Tensor  # (k, *h.shape[1:]), unit length, by singular value descending
-    singular_values: torch.Tensor  # (k,)
     iterations: int
     converged: bool
     residual: float
@@ -118,13 +126,36 @@ class Directions:
     vjp_vectors: int
 
 
+@dataclass
+class Directions(SearchCost):
+    """Top right singular vectors of a masked Jacobian and what finding them cost."""
+    vectors: torch.Tensor  # (k, *h.shape[1:]), unit length, by singular value descending
+    singular_values: torch.Tensor  # (k,)
+
+
+def _search_cost(counts: Counter, iterations: int, converged: bool, residual: float) -> dict:
+    return dict(iterations=iterations, converged=converged, residual=residual, jvp_calls=counts["jvp_calls"],
+                jvp_vectors=counts["jvp_vectors"], vjp_calls=counts["vjp_calls"], vjp_vectors=counts["vjp_vectors"])
+
+
+def _signed(vectors: torch.Tensor, h_shape) -> torch.Tensor:
+    """Unit rows (k, n) as directions (k, *h_shape[1:]), each signed so its largest entry is positive.
+
+    An eigenvector's sign is arbitrary: fixing it makes a direction the same whatever the seed.
+    """
+    signs = torch.sign(vectors.gather(1, vectors.abs().argmax(dim=1, keepdim=True)))
+    return (signs * vectors).reshape(len(vectors), *h_shape[1:])
+
+
 def _orthonormal_rows(rows: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(rows.T).Q.T
 
 
 def _iterate(jacobian: MaskedJacobian, start: torch.Tensor, found: torch.Tensor, max_iter: int, tol: float,
              progress) -> tuple:
-    """Subspace iteration on ``J^T J`` from the rows of ``start``, kept orthogonal to the rows of ``found``.
+    """Power (subspace) iteration on ``J^T J`` from the rows of ``start``, kept orthogonal to the rows of ``found``.
+
+    The sequential baseline runs it one row at a time, deflating the directions found before.
 
     Each iteration is one JVP and one VJP of the whole block. The SVD of ``J V`` (Rayleigh-Ritz)
     rotates the block onto the current singular-vector estimates, sorted by singular value.
@@ -170,27 +201,23 @@ def _start(jacobian: MaskedJacobian, k: int, seed: int) -> torch.Tensor:
 
 
 def _directions(jacobian: MaskedJacobian, before: Counter, vectors, values, iterations, converged, residual):
-    # A singular vector's sign is arbitrary: fix it so its largest entry is positive, whatever the seed.
-    signs = torch.sign(vectors.gather(1, vectors.abs().argmax(dim=1, keepdim=True)))
-    counts = jacobian.counts - before
-    return Directions(
-        (signs * vectors).reshape(len(vectors), *jacobian.linearisation.h.shape[1:]), values, iterations, converged,
-        residual, counts["jvp_calls"], counts["jvp_vectors"], counts["vjp_calls"], counts["vjp_vectors"])
+    return Directions(_signed(vectors, jacobian.linearisation.h.shape), values,
+                      **_search_cost(jacobian.counts - before, iterations, converged, residual))
 
 
 @_with_autograd
 def top_directions(jacobian: MaskedJacobian, k: int = 3, max_iter: int = 50, tol: float = 1e-5, seed: int = 0,
                    progress=None) -> Directions:
-    """The top-``k`` right singular directions of ``jacobian`` by block (subspace) power iteration.
+    """The top-``k`` right singular directions of ``jacobian``, all ``k`` at once by LOBPCG on ``J^T J``.
 
     Stops once every direction's residual is at most ``tol`` or after ``max_iter`` iterations;
     ``progress(done, max_iter)`` is called after each iteration and may raise to abort.
     """
     _check_iteration(k, max_iter, tol, _most_directions(jacobian))
     before = Counter(jacobian.counts)
-    start = _start(jacobian, k, seed)
-    found = _iterate(jacobian, start, start[:0], max_iter, tol, progress and (lambda done: progress(done, max_iter)))
-    return _directions(jacobian, before, *found)
+    vectors, values, iterations, converged, residual, _ = _lobpcg(
+        jacobian, None, 1.0, k, 0, max_iter, tol, seed, progress and (lambda done: progress(done, max_iter)))
+    return _directions(jacobian, before, vectors, values.clamp_min(0).sqrt(), iterations, converged, residual)
 
 
 @_with_autograd
@@ -238,45 +265,179 @@ def confine(inside, outside_basis) -> torch.Tensor:
 
 
 @dataclass
-class RegionDirections:
-    """Confined directions and how they were found.
+class RatioDirections(SearchCost):
+    """Top generalised eigenvectors of ``(J_in^T J_in, J_out^T J_out + ridge I)`` and what finding them cost.
 
-    ``vectors`` (k, *h.shape[1:]) are the inside directions confined against the outside ones;
-    ``singular_values`` are those of the inside directions before confinement. ``leakage`` is
-    each direction's response outside the mask relative to inside, ``unconfined_leakage`` the
-    same for ``inside.vectors``.
+    ``ratios`` are ``|J_in v|^2 / (|J_out v|^2 + ridge |v|^2)``; ``ridge`` is the absolute one used.
+    ``residual`` is the largest ``|A v - ratio B v| / (ratio |B v|)``, zero for an exact eigenvector.
+    """
+    vectors: torch.Tensor  # (k, *h.shape[1:]), unit length, by ratio descending
+    ratios: torch.Tensor  # (k,)
+    ridge: float
+
+
+# Extra vectors searched beside the k wanted: the top ratios of a trained model are close together,
+# and a block k wide would converge at the rate of the small gap between its k-th and (k+1)-th.
+GUARD_VECTORS = 5
+
+
+def _orthonormal_span(rows: torch.Tensor, images: torch.Tensor, keep: float) -> tuple:
+    """An orthonormal basis of the span of ``rows`` and its images under the linear ``F``, from their Gram matrix.
+
+    Directions of the span with a singular value under ``keep`` times the largest are dropped:
+    they are rounding noise, and dividing by them would magnify the images' rounding.
+    """
+    scale = rows.norm(dim=1, keepdim=True).clamp_min(torch.finfo(rows.dtype).tiny)
+    rows, images = rows / scale, images / scale
+    values, vectors = torch.linalg.eigh((rows @ rows.T).double())
+    kept = values > (keep ** 2) * values[-1]
+    transform = (vectors[:, kept] / values[kept].sqrt()).T.to(rows.dtype)
+    return transform @ rows, transform @ images
+
+
+def _ritz(basis, images, inside_weight, outside_weight, ridge, k):
+    """Rayleigh-Ritz of the pencil on the orthonormal rows ``basis``: the top-``k`` Ritz vectors, images and values.
+
+    The small pencil needs only ``F``'s images of the basis: ``v^T J_in^T J_in v = |mask F v|^2``.
+    Without ``outside_weight`` the pencil is ``(J_in^T J_in, ridge I)``.
+    """
+    inside = ((images * inside_weight) @ images.T).double()
+    outside = ridge * torch.eye(len(basis), dtype=torch.float64)
+    if outside_weight is not None:
+        outside = outside + ((images * outside_weight) @ images.T).double()
+    lower = torch.linalg.cholesky(outside)
+    reduced = torch.linalg.solve_triangular(lower, torch.linalg.solve_triangular(lower, inside, upper=False).T,
+                                            upper=False)
+    values, vectors = torch.linalg.eigh((reduced + reduced.T) / 2)
+    coefficients = torch.linalg.solve_triangular(lower.T, vectors[:, -k:].flip(1), upper=True).T.to(basis.dtype)
+    return coefficients @ basis, coefficients @ images, values[-k:].flip(0).to(basis.dtype)
+
+
+def _lobpcg(jacobian: MaskedJacobian, outside_weight, ridge: float, k: int, guard: int, max_iter: int, tol: float,
+            seed: int, progress) -> tuple:
+    """The top-``k`` eigenvectors of the pencil ``(J^T J, J_out^T J_out + ridge I)`` by LOBPCG, ``k + guard`` at once.
+
+    ``J`` is ``jacobian``; ``outside_weight`` (the squared outside mask, flat) may be None for
+    ``(J^T J, ridge I)``. Each iteration searches the span of the current vectors, their
+    residuals and the previous vectors (Knyazev's locally optimal block CG, no preconditioner).
+    It costs one JVP of the residuals and one VJP of the vectors (twice as many covectors with
+    an outside); the images of the other rows follow by linearity. Stops once every relative
+    residual ``|A v - value B v| / (value |B v|)`` of the top ``k`` is at most ``tol``, or after
+    ``max_iter``. Returns unit ``vectors`` (k, n), ``values``, iterations, converged, residual,
+    and the absolute ridge (``ridge`` is relative to the outside's mean energy when there is one).
+    """
+    linearisation = jacobian.linearisation
+    inside_weight = jacobian.mask.expand_as(linearisation.eps).reshape(1, -1) ** 2
+    keep = math.sqrt(torch.finfo(linearisation.work_dtype).eps)
+
+    def images_of(rows):
+        jacobian.counts.update(jvp_calls=1, jvp_vectors=len(rows))
+        return linearisation.jvp(rows).flatten(1)
+
+    block = min(k + guard, linearisation.h.numel())
+    basis = _orthonormal_rows(_start(jacobian, block, seed))
+    images = images_of(basis)
+    if outside_weight is not None:
+        # The ridge in units of J_out's mean energy per direction: E |J_out v|^2 = |J_out|_F^2 / n for a random unit v.
+        ridge = ridge * float((images.square() * outside_weight).sum(dim=1).mean())
+    vectors, vector_images, values = _ritz(basis, images, inside_weight, outside_weight, ridge, block)
+    previous = previous_images = None
+    for iteration in range(1, max_iter + 1):
+        weights = [inside_weight] if outside_weight is None else [inside_weight, outside_weight]
+        covectors = torch.cat([vector_images * weight for weight in weights])
+        jacobian.counts.update(vjp_calls=1, vjp_vectors=len(covectors))
+        pulled = linearisation.vjp(covectors.reshape(-1, *linearisation.eps.shape)).flatten(1)
+        on_outside = ridge * vectors + (pulled[block:] if outside_weight is not None else 0)
+        residuals = pulled[:block] - values[:, None] * on_outside
+        turn = residuals.norm(dim=1) / (values * on_outside.norm(dim=1)).clamp_min(torch.finfo(values.dtype).tiny)
+        residual = turn[:k].max().item()
+        if progress is not None:
+            progress(iteration)
+        if residual <= tol:
+            break
+        rows, row_images = [vectors, residuals], [vector_images, images_of(residuals)]
+        if previous is not None:
+            rows.append(previous)
+            row_images.append(previous_images)
+        basis, images = _orthonormal_span(torch.cat(rows), torch.cat(row_images), keep)
+        previous, previous_images = vectors, vector_images
+        vectors, vector_images, values = _ritz(basis, images, inside_weight, outside_weight, ridge, block)
+    vectors = vectors[:k] / vectors[:k].norm(dim=1, keepdim=True)
+    return vectors, values[:k], iteration, residual <= tol, residual, ridge
+
+
+@_with_autograd
+def ratio_directions(linearisation: Linearisation, mask: torch.Tensor, k: int = 3, ridge: float = 1.0,
+                     max_iter: int = 200, tol: float = 1e-3, seed: int = 0, progress=None) -> RatioDirections:
+    """The ``k`` directions of ``h`` with the largest ratio of inside to outside response, by LOBPCG (:func:`_lobpcg`).
+
+    ``k + GUARD_VECTORS`` vectors are iterated; ``progress(done, max_iter)`` is called after each iteration.
+    """
+    require_positive("ridge", ridge)
+    inside = MaskedJacobian(linearisation, mask)
+    _check_iteration(k, max_iter, tol, linearisation.h.numel())
+    outside_weight = (1 - inside.mask).expand_as(linearisation.eps).reshape(1, -1) ** 2
+    vectors, ratios, iterations, converged, residual, ridge = _lobpcg(
+        inside, outside_weight, ridge, k, GUARD_VECTORS, max_iter, tol, seed,
+        progress and (lambda done: progress(done, max_iter)))
+    return RatioDirections(_signed(vectors, linearisation.h.shape), ratios, ridge,
+                           **_search_cost(inside.counts, iterations, converged, residual))
+
+
+CONFINEMENTS = ("ratio", "rank1", "none")
+
+
+@dataclass
+class RegionDirections:
+    """Region directions, how they were confined and what finding them cost.
+
+    ``vectors`` (k, *h.shape[1:]) are unit h-space directions, strongest first. ``values`` are
+    their ratios ``|J_in v|^2 / (|J_out v|^2 + ridge' |v|^2)`` under ``"ratio"``, else the inside
+    singular values before confinement. ``leakage`` is each direction's linearised response
+    outside the mask relative to inside, ``|J_out v| / |J_in v|``. ``search`` is the ratio search
+    or the inside SVD, ``outside`` the outside SVD of ``"rank1"``.
     """
     vectors: torch.Tensor
-    singular_values: torch.Tensor
-    inside: Directions
+    values: torch.Tensor
+    confinement: str
+    search: RatioDirections | Directions
     outside: Directions | None
     leakage: torch.Tensor
-    unconfined_leakage: torch.Tensor
+
+    @property
+    def iterations(self) -> int:
+        return self.search.iterations + (self.outside.iterations if self.outside is not None else 0)
 
     @property
     def converged(self) -> bool:
-        return self.inside.converged and (self.outside is None or self.outside.converged)
+        return self.search.converged and (self.outside is None or self.outside.converged)
 
 
 @_with_autograd
 def region_directions(f: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, mask: torch.Tensor, k: int = 3,
-                      r: int = 1, max_iter: int = 50, tol: float = 1e-5, seed: int = 0,
-                      progress=None) -> RegionDirections:
-    """The top-``k`` directions of ``h`` that change the masked region, confined against the top-``r`` outside ones.
+                      confinement: str = "ratio", r: int = 1, ridge: float = 1.0, max_iter: int = 200,
+                      tol: float = 1e-3, seed: int = 0, progress=None) -> RegionDirections:
+    """The top-``k`` directions of ``h`` that change the masked region, confined by ``confinement``.
 
-    ``progress(done, total)`` is called once per iteration, over both searches, and may raise to abort.
+    ``r`` is the outside rank ``"rank1"`` projects out, ``ridge`` the relative ridge of ``"ratio"``.
+    ``progress(done, total)`` is called once per iteration, over every search, and may raise to abort.
     """
+    if confinement not in CONFINEMENTS:
+        raise ValueError(f"confinement must be one of {CONFINEMENTS}, got {confinement!r}")
     _check_iteration(k, max_iter, tol, h.numel())
     require_at_least("r", r, 0)
     if (mask >= 1).all():
         raise ValueError("mask covers the whole image: nothing is left outside it to keep")
     inside = masked_jacobian(f, h, mask)
-    total = max_iter * (2 if r else 1)
+    if confinement == "ratio":
+        found = ratio_directions(inside.linearisation, inside.mask, k, ridge, max_iter, tol, seed, progress)
+        return RegionDirections(found.vectors, found.ratios, confinement, found, None, inside.leakage(found.vectors))
+    searches = 2 if confinement == "rank1" and r else 1
+    total = max_iter * searches
     found = top_directions(inside, k, max_iter, tol, seed, progress and (lambda done, _: progress(done, total)))
     outside = None
-    if r:
+    if searches == 2:
         outside = top_directions(inside.complement(), r, max_iter, tol, seed,
                                  progress and (lambda done, _: progress(max_iter + done, total)))
     vectors = found.vectors if outside is None else confine(found, outside)
-    return RegionDirections(vectors, found.singular_values, found, outside, inside.leakage(vectors),
-                            inside.leakage(found.vectors))
+    return RegionDirections(vectors, found.singular_values, confinement, found, outside, inside.leakage(vectors))

@@ -5,14 +5,15 @@ from dataclasses import dataclass
 
 import comfy.ldm.modules.diffusionmodules.openaimodel
 import comfy.model_management
+import comfy.sampler_helpers
 import torch
 from comfy_api.latest import io, ui
 
 from ..ngdm_core.edge_preserving import resize_to_latent
-from ..ngdm_core.region_jacobian import region_directions
+from ..ngdm_core.region_jacobian import CONFINEMENTS, region_directions
 from ..ngdm_core.schedule import noise_source
 from .host import (CATEGORY, model_conditioning, ordered_widgets, parametrization, progress_reporter,
-                   require_conditioning, require_image_latent, to_image_resolution)
+                   require_conditioning, require_image_latent, show_node_text, to_image_resolution)
 
 BOTTLENECK = ("output", 0)
 RegionDirectionsType = io.Custom("REGION_DIRECTIONS")
@@ -20,13 +21,27 @@ RegionDirectionsType = io.Custom("REGION_DIRECTIONS")
 
 @dataclass
 class BottleneckDirections:
-    """REGION_DIRECTIONS: unit h-space vectors (k, C, h, w) with what they were found for."""
+    """REGION_DIRECTIONS: unit h-space vectors (k, C, h, w) with what they were found for.
+
+    ``values`` are the ratios of the ``"ratio"`` confinement, else the inside singular values;
+    ``leakage`` the linearised response outside the mask relative to inside.
+    """
     vectors: torch.Tensor
-    singular_values: torch.Tensor
+    values: torch.Tensor
     leakage: torch.Tensor
-    unconfined_leakage: torch.Tensor
+    confinement: str
     sigma: float
+    iterations: int
     converged: bool
+
+    def summary(self) -> str:
+        """One line per direction, for the node's text: its value, its leakage, and how the search ended."""
+        name = "ratio" if self.confinement == "ratio" else "singular value"
+        lines = [f"{index}: {name} {value:.4g}, leakage {leak:.3f}" for index, (value, leak) in
+                 enumerate(zip(self.values.tolist(), self.leakage.tolist()))]
+        state = "converged" if self.converged else "NOT converged: raise iterations"
+        return "\n".join([f"confinement {self.confinement}, sigma {self.sigma:.3g}: {self.iterations} iterations, "
+                          f"{state}", *lines])
 
 
 def require_unet(model):
@@ -37,25 +52,71 @@ def require_unet(model):
     return diffusion_model
 
 
+def compute_dtype(model):
+    """The dtype the U-Net computes in, as BaseModel.apply_model casts its inputs: fp16 or bf16 on most GPUs."""
+    return model.model.manual_cast_dtype or model.model.get_dtype()
+
+
 def model_inputs(model, x, sigma, positive):
-    """The U-Net's arguments for ``x`` at ``sigma`` under ``positive``, as BaseModel.apply_model builds them."""
+    """The U-Net's arguments for ``x`` at ``sigma`` under ``positive``, as BaseModel.apply_model builds them.
+
+    Floating inputs are cast to the U-Net's compute dtype, as apply_model does; the timestep stays float32.
+    """
     extra = model_conditioning(model, x, positive)
     model_sampling = model.get_model_object("model_sampling")
     sigma_batch = torch.full((x.shape[0],), sigma, device=x.device)
     inputs = model_sampling.calculate_input(sigma_batch, x)
     if "c_concat" in extra:
         inputs = torch.cat([inputs, extra.pop("c_concat").to(inputs)], dim=1)
-    return inputs, model_sampling.timestep(sigma_batch).float(), extra
+    dtype = compute_dtype(model)
+    extra = {name: value.to(dtype) if torch.is_tensor(value) and value.is_floating_point() else value
+             for name, value in extra.items()}
+    return inputs.to(dtype), model_sampling.timestep(sigma_batch).float(), extra
+
+
+def controlnet_residuals(model, x, sigma, positive, conds):
+    """The residuals of the ControlNets on ``positive`` at ``x`` and ``sigma``, as the sampler computes them; or None.
+
+    They do not depend on the bottleneck, so they are computed once and fed to every U-Net call.
+    """
+    control = comfy.sampler_helpers.convert_cond(positive)[0].get("control")
+    if control is None:
+        return None
+    model_sampling = model.get_model_object("model_sampling")
+    control.pre_run(model.model, lambda percent: model_sampling.percent_to_sigma(percent))
+    try:
+        comfy.model_management.load_models_gpu([model, *control.get_models()])
+        sigma_batch = torch.full((x.shape[0],), sigma, device=x.device)
+        residuals = control.get_control(x, sigma_batch, dict(conds), 1, {"sigmas": sigma_batch})
+    finally:
+        control.cleanup()
+    if residuals is None:  # outside the ControlNet's own start and end percent
+        return None
+    dtype = compute_dtype(model)
+    with torch.inference_mode(False):
+        return {name: [None if value is None else value.to(dtype).clone() for value in values]
+                for name, values in residuals.items()}
+
+
+def require_bottleneck_size(diffusion_model, samples):
+    """Refuse a latent too small for every downsampling to keep at least 2x2 pixels (GroupNorm needs more than one)."""
+    downsamples = len(diffusion_model.channel_mult) - 1
+    least = 2 ** (downsamples + 1)
+    if min(samples.shape[-2:]) < least:
+        raise ValueError(f"latent: {samples.shape[-2]}x{samples.shape[-1]} latent pixels is too small for this U-Net, "
+                         f"which halves it {downsamples} times; it needs at least {least}x{least}")
 
 
 def bottleneck_function(model, x, sigma, positive):
     """``(f, h)``: the U-Net's output as a function of its bottleneck, and the bottleneck at ``x``.
 
     The U-Net runs on clones of its weights: weights loaded under ComfyUI's inference mode
-    cannot be saved for backward, which the Jacobian's reverse-mode products need.
+    cannot be saved for backward, which the Jacobian's reverse-mode products need. Inputs are
+    in the U-Net's compute dtype, and the ControlNets on ``positive`` add their residuals.
     """
     diffusion_model = require_unet(model)
     inputs, timestep, extra = model_inputs(model, x, sigma, positive)
+    control = controlnet_residuals(model, x, sigma, positive, extra)
     context = extra.pop("c_crossattn", None)
     with torch.inference_mode(False):
         weights = {name: tensor.clone() for name, tensor in
@@ -66,8 +127,11 @@ def bottleneck_function(model, x, sigma, positive):
 
     def run(patch):
         options = {"patches": {"output_block_patch": [patch]}}
+        # The U-Net pops each residual as it adds it: every call gets its own lists.
+        residuals = None if control is None else {name: list(values) for name, values in control.items()}
         return torch.func.functional_call(diffusion_model, weights, tuple(arguments),
-                                          {"context": context, "transformer_options": options, **keywords})
+                                          {"context": context, "control": residuals, "transformer_options": options,
+                                           **keywords})
 
     captured = {}
 
@@ -103,8 +167,9 @@ class RegionJacobianDirection(io.ComfyNode):
             display_name="NGDM Edit: Region Jacobian Directions",
             category=CATEGORY,
             description="Finds unsupervised edit directions in the U-Net bottleneck (h-space) that change the masked "
-                        "region, with the direction that most changes the rest projected out. Apply one with "
-                        "ApplyRegionDirection. U-Net models only (SD1.x, SD2.x, SDXL).",
+                        "region and little else: by default those with the largest ratio of inside to outside "
+                        "change; or the paper's, the strongest inside directions with the outside's strongest "
+                        "projected out. Apply one with ApplyRegionDirection. U-Net models only (SD1.x, SD2.x, SDXL).",
             inputs=[
                 io.Model.Input("model", tooltip="A U-Net model (SD1.x, SD2.x, SDXL); the directions live in its "
                                                 "bottleneck."),
@@ -118,12 +183,23 @@ class RegionJacobianDirection(io.ComfyNode):
                 io.Int.Input("k", default=3, min=1, max=16,
                              tooltip="Number of directions k to find, strongest first."),
                 io.Int.Input("r", default=1, min=0, max=16,
-                             tooltip="Rank r of the outside's strongest directions projected out (the authors use 1; "
-                                     "0 keeps the plain masked directions)."),
-                io.Int.Input("iterations", default=50, min=1, max=500, tooltip="Power-iteration cap."),
+                             tooltip="With confinement rank1: rank r of the outside's strongest directions projected "
+                                     "out (the authors use 1; 0 keeps the plain masked directions). Unused otherwise."),
+                io.Int.Input("iterations", default=200, min=1, max=500,
+                             tooltip="Iteration cap of each search; the node's text says whether it converged."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seeds the noise added to the latent (add_noise) and the iteration's start."),
                 io.Boolean.Input("add_noise", default=True, tooltip="Noise the latent to the probe time first."),
+                io.Combo.Input("confinement", options=list(CONFINEMENTS), default="ratio", optional=True,
+                               tooltip="ratio: the directions with the largest ratio of change inside to change "
+                                       "outside (confined by construction). rank1: the paper's, the strongest inside "
+                                       "directions less the top-r outside ones. none: the strongest inside "
+                                       "directions, unconfined. Optional, so workflows saved before it run as "
+                                       "ratio."),
+                io.Float.Input("ridge", default=1.0, min=1e-4, max=100.0, step=0.01, optional=True,
+                               tooltip="With confinement ratio: the floor under a direction's outside change, in "
+                                       "units of the outside's mean change per direction. Lower confines harder but "
+                                       "finds weaker directions and needs more iterations."),
             ],
             outputs=[
                 RegionDirectionsType.Output(display_name="directions",
@@ -131,14 +207,16 @@ class RegionJacobianDirection(io.ComfyNode):
                                                     "Direction."),
                 io.Mask.Output(display_name="preview", tooltip="Where each direction changes the output, one per direction."),
             ],
+            hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def execute(cls, model, latent, positive, mask, probe_percent, k, r, iterations, seed,
-                add_noise) -> io.NodeOutput:
-        require_unet(model)
+    def execute(cls, model, latent, positive, mask, probe_percent, k, r, iterations, seed, add_noise,
+                confinement="ratio", ridge=1.0) -> io.NodeOutput:
+        diffusion_model = require_unet(model)
         samples = latent["samples"][:1]
         require_image_latent("latent", model, samples)
+        require_bottleneck_size(diffusion_model, samples)
         require_conditioning("positive", model, positive)
         comfy.model_management.load_models_gpu([model])
         device = model.load_device
@@ -150,10 +228,13 @@ class RegionJacobianDirection(io.ComfyNode):
             x = noise_source(x, noise, sigma, parametrization(model_sampling))
         region = latent_mask(mask, x)
         f, h = bottleneck_function(model, x, sigma, positive)
-        found = region_directions(f, h, region, k=k, r=r, max_iter=iterations, seed=seed,
-                                  progress=progress_reporter(iterations * (2 if r else 1)))
-        directions = BottleneckDirections(found.vectors.cpu(), found.singular_values.cpu(), found.leakage.cpu(),
-                                          found.unconfined_leakage.cpu(), sigma, found.converged)
+        searches = 2 if confinement == "rank1" and r else 1
+        found = region_directions(f, h, region, k=k, confinement=confinement, r=r, ridge=ridge, max_iter=iterations,
+                                  seed=seed, progress=progress_reporter(iterations * searches))
+        directions = BottleneckDirections(found.vectors.float().cpu(), found.values.float().cpu(),
+                                          found.leakage.float().cpu(), confinement, sigma, found.iterations,
+                                          found.converged)
+        show_node_text(getattr(cls.hidden, "unique_id", None), directions.summary())
         preview = to_image_resolution(cls.preview(f, h, found.vectors), model).cpu()
         return io.NodeOutput(directions, preview, ui=ui.PreviewMask(preview, cls=cls))
 

@@ -5,8 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from ngdm_core.region_jacobian import (Directions, confine, masked_jacobian, region_directions, top_directions,
-                                       top_directions_sequential)
+import scipy.linalg
+
+from ngdm_core.region_jacobian import (Directions, confine, masked_jacobian, ratio_directions, region_directions,
+                                       top_directions, top_directions_sequential)
 
 H_SHAPE, EPS_SHAPE = (1, 6, 3, 3), (1, 2, 6, 6)
 VARIANTS = [top_directions, top_directions_sequential]
@@ -178,8 +180,8 @@ def test_confine_refuses_a_direction_inside_the_outside_subspace():
 def test_confinement_cuts_the_leakage_of_the_top_direction_of_a_nonlinear_net():
     net, h = BottleneckDecoder(), randn((1, 8, 8, 8), dtype=torch.float32)
     mask = rectangle_mask(32, rows=(8, 12), cols=(8, 16))
-    found = region_directions(net, h, mask, k=3, r=1)
-    before, after = found.unconfined_leakage[0].item(), found.leakage[0].item()
+    found = region_directions(net, h, mask, k=3, confinement="rank1", r=1)
+    before, after = masked_jacobian(net, h, mask).leakage(found.search.vectors)[0].item(), found.leakage[0].item()
     # Measured 5.40 -> 0.128 (42x). The top inside direction is mostly the global shift, so it
     # leaks about sqrt(A_out / A_in) = 5.6 for this 32-of-1024-pixel mask. Confined, what is left
     # are the local tilts of the inside and outside directions, which leak about
@@ -197,16 +199,63 @@ def test_confinement_cuts_the_leakage_of_the_top_direction_of_a_nonlinear_net():
     # The actual change of a small step (a hundredth of |h|), not only the linearisation.
     alpha = 1e-2 * h.norm()
     with torch.no_grad():
-        step_before = response_leakage(net(h + alpha * found.inside.vectors[0]) - net(h), mask)
+        step_before = response_leakage(net(h + alpha * found.search.vectors[0]) - net(h), mask)
         step_after = response_leakage(net(h + alpha * found.vectors[0]) - net(h), mask)
     assert step_before == pytest.approx(before, rel=0.05) and step_after == pytest.approx(after, rel=0.05)
     assert step_before >= 10 * step_after
 
 
-def test_without_outside_directions_nothing_is_confined():
-    found = region_directions(linear_model(linear_map()), randn(H_SHAPE), soft_mask(), k=2, r=0)
-    assert found.outside is None and torch.equal(found.vectors, found.inside.vectors)
-    torch.testing.assert_close(found.leakage, found.unconfined_leakage)
+@pytest.mark.parametrize("confinement, r", [("none", 1), ("rank1", 0)])
+def test_without_outside_directions_nothing_is_confined(confinement, r):
+    found = region_directions(linear_model(linear_map()), randn(H_SHAPE), soft_mask(), k=2, confinement=confinement, r=r)
+    assert found.outside is None and torch.equal(found.vectors, found.search.vectors)
+    assert torch.equal(found.values, found.search.singular_values)
+
+
+# --- the ratio confinement: a generalised eigenproblem --------------------------------------------
+
+def outside_heavy_map(seed=3):
+    """A linear map whose strongest directions drive the outside: the top inside directions leak, the best ratios do not."""
+    matrix = linear_map(seed)
+    outside = (1 - soft_mask()).expand(EPS_SHAPE).flatten()[:, None]
+    return matrix * (1 + 4 * outside)
+
+
+def expected_ratio_directions(matrix, mask, ridge, k):
+    """The top generalised eigenvectors of ``(A_in^T A_in, A_out^T A_out + ridge I)``, straight from scipy."""
+    weight = mask.expand(EPS_SHAPE).flatten()[:, None]
+    inside, outside = (weight * matrix).numpy(), ((1 - weight) * matrix).numpy()
+    values, vectors = scipy.linalg.eigh(inside.T @ inside, outside.T @ outside + ridge * torch.eye(matrix.shape[1]).numpy())
+    vectors = torch.from_numpy(vectors[:, ::-1][:, :k].T.copy())
+    return vectors.reshape(k, *H_SHAPE[1:]), torch.from_numpy(values[::-1][:k].copy())
+
+
+@pytest.mark.parametrize("ridge", [1e-2, 1.0])
+def test_ratio_directions_are_the_generalised_eigenvectors_of_a_linear_map(ridge):
+    matrix, mask = outside_heavy_map(), soft_mask()
+    found = region_directions(linear_model(matrix), randn(H_SHAPE), mask, k=3, confinement="ratio", ridge=ridge,
+                              tol=1e-6, max_iter=500)
+    assert found.converged and found.search.residual <= 1e-6 and found.iterations == found.search.iterations
+    # The ridge is relative to J_out's mean energy per direction; the absolute one is reported.
+    vectors, values = expected_ratio_directions(matrix, mask, found.search.ridge, 3)
+    assert (abs_cosines(found.vectors, vectors) >= 0.999).all()
+    torch.testing.assert_close(found.values, values, rtol=1e-4, atol=0)
+    torch.testing.assert_close(found.vectors.flatten(1).norm(dim=1), torch.ones(3, dtype=torch.float64))
+
+
+def test_ratio_directions_leak_less_than_the_top_inside_ones_and_the_authors_rank1():
+    matrix, mask, h = outside_heavy_map(), soft_mask(), randn(H_SHAPE)
+    leakage = {confinement: region_directions(linear_model(matrix), h, mask, k=3, confinement=confinement).leakage
+               for confinement in ("ratio", "rank1", "none")}
+    assert (leakage["ratio"] < leakage["rank1"]).all() and (leakage["ratio"] < leakage["none"]).all()
+
+
+def test_the_ratio_search_costs_one_jvp_and_one_vjp_per_iteration():
+    jacobian = masked_jacobian(linear_model(outside_heavy_map()), randn(H_SHAPE), soft_mask())
+    found = ratio_directions(jacobian.linearisation, jacobian.mask, k=2)
+    assert found.converged and found.jvp_calls == found.iterations and found.vjp_calls == found.iterations
+    unconverged = ratio_directions(jacobian.linearisation, jacobian.mask, k=2, max_iter=2)
+    assert unconverged.iterations == 2 and not unconverged.converged and unconverged.residual > 1e-3
 
 
 # --- use from a ComfyUI node -------------------------------------------------------------------------
@@ -224,19 +273,22 @@ def test_works_in_inference_mode_and_leaves_no_graph():
     net = BottleneckDecoder()
     with torch.inference_mode():
         h = randn((1, 8, 8, 8), dtype=torch.float32)
-        found = region_directions(net, h, rectangle_mask(32, rows=(8, 12), cols=(8, 16)), k=2, max_iter=5)
-    assert found.vectors.shape == (2, 8, 8, 8) and found.outside.vectors.shape == (1, 8, 8, 8)
-    for tensor in tensors_of(found):
+        found = region_directions(net, h, rectangle_mask(32, rows=(8, 12), cols=(8, 16)), k=2, confinement="rank1",
+                                  max_iter=5)
+        ratio = region_directions(net, h, rectangle_mask(32, rows=(8, 12), cols=(8, 16)), k=2, max_iter=5)
+    assert found.vectors.shape == ratio.vectors.shape == (2, 8, 8, 8) and found.outside.vectors.shape == (1, 8, 8, 8)
+    for tensor in [*tensors_of(found), *tensors_of(ratio)]:
         assert not tensor.requires_grad and tensor.grad_fn is None
     assert all(parameter.grad is None for parameter in net.parameters())
 
 
-def test_progress_is_reported_once_per_iteration_and_can_abort():
+@pytest.mark.parametrize("confinement, total", [("rank1", 60), ("ratio", 30)])
+def test_progress_is_reported_once_per_iteration_and_can_abort(confinement, total):
     calls = []
-    found = region_directions(linear_model(linear_map()), randn(H_SHAPE), soft_mask(), max_iter=30,
-                              progress=lambda done, total: calls.append((done, total)))
-    assert len(calls) == found.inside.iterations + found.outside.iterations
-    assert [done for done, _ in calls] == sorted({done for done, _ in calls}) and {t for _, t in calls} == {60}
+    found = region_directions(linear_model(linear_map()), randn(H_SHAPE), soft_mask(), confinement=confinement,
+                              max_iter=30, progress=lambda done, total: calls.append((done, total)))
+    assert len(calls) == found.iterations
+    assert [done for done, _ in calls] == sorted({done for done, _ in calls}) and {t for _, t in calls} == {total}
 
     def cancel(done, total):
         raise InterruptedError("cancelled")
@@ -268,6 +320,8 @@ def with_nan(tensor):
     ({"r": -1}, "r must be at least 0"),
     ({"max_iter": 0}, "max_iter must be at least 1"),
     ({"tol": 0.0}, "tol must be positive"),
+    ({"ridge": 0.0}, "ridge must be positive"),
+    ({"confinement": "rank2"}, "confinement must be one of"),
 ])
 def test_bad_input_raises_naming_it(change, message):
     arguments = {"h": randn(H_SHAPE), "mask": soft_mask(), **change}

@@ -61,7 +61,8 @@ class ShapesUNet(nn.Module):
                                  ResBlock(deep + width, width, embedding_dim)])
         self.output = nn.Sequential(nn.GroupNorm(8, width), nn.SiLU(), nn.Conv2d(width, 3, 3, padding=1))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> tuple:
+        """The first half of :meth:`forward`: ``(h, skips, embedding)``, ``h`` the middle block's output (bottleneck)."""
         embedding = self.time_mlp(timestep_embedding(t, self.time_dim).to(x)) + self.class_embedding(labels)
         h = self.input(x)
         skips = []
@@ -70,12 +71,23 @@ class ShapesUNet(nn.Module):
                 h = self.downsample[level - 1](h)
             h = block(h, embedding)
             skips.append(h)
-        h = self.middle(h, embedding)
+        return self.middle(h, embedding), skips, embedding
+
+    def decode(self, h: torch.Tensor, skips: list, embedding: torch.Tensor) -> torch.Tensor:
+        """The second half of :meth:`forward`: eps from the bottleneck ``h`` and the encoder's ``skips``."""
+        skips = list(skips)
         for level, block in enumerate(self.up):
             if level > 0:
                 h = F.interpolate(h, scale_factor=2, mode="nearest")
             h = block(torch.cat([h, skips.pop()], dim=1), embedding)
         return self.output(h)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, bottleneck=None) -> torch.Tensor:
+        """eps; ``bottleneck(h, t)``, if given, replaces the middle block's output ``h`` before the decoder reads it."""
+        h, skips, embedding = self.encode(x, t, labels)
+        if bottleneck is not None:
+            h = bottleneck(h, t)
+        return self.decode(h, skips, embedding)
 
 
 class ShapesClassifier(nn.Module):

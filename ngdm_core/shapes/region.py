@@ -1,0 +1,136 @@
+"""Region Jacobian directions on the shapes model, without ComfyUI: its bottleneck function and edits along a direction.
+
+A region edit here is an SDEdit under the source's own class (:func:`.edits.sdedit`) whose
+U-Net has its bottleneck shifted by ``strength * direction`` on every call, cond and uncond,
+while the timestep lies in a range. The directions are found at the edit's first state,
+from the same seeded noise, so an edit at strength 0 is the plain reconstruction and the
+difference between the two is the direction's effect alone.
+"""
+
+import copy
+
+import torch
+
+from ..region_jacobian import RegionDirections, region_directions
+from ..schedule import noise_source
+from ..samplers import sample_euler
+from .edits import START_NOISE, EditSettings, dilated, guided, item_noise, sdedit
+from .model import ShapesDenoiser
+
+PRESERVE_MARGIN = 2  # pixels the mask is dilated by before the outside is measured, as in the quality benchmark
+
+
+def edit_sigmas(denoiser: ShapesDenoiser, settings: EditSettings, strength: float) -> torch.Tensor:
+    """The sigmas :func:`.edits.sdedit` steps through at ``strength`` of the schedule, ending at 0."""
+    sigmas = denoiser.sigmas(settings.steps)
+    return sigmas[min(round((1 - strength) * settings.steps), settings.steps - 1):]
+
+
+def edit_start(denoiser: ShapesDenoiser, source: torch.Tensor, settings: EditSettings, strength: float) -> tuple:
+    """``(x, sigma)``: the first state of :func:`.edits.sdedit` at ``strength`` of the schedule."""
+    sigma = edit_sigmas(denoiser, settings, strength)[0]
+    return noise_source(source, item_noise(source, settings, START_NOISE), sigma), sigma
+
+
+def bottleneck_function(denoiser: ShapesDenoiser, x: torch.Tensor, sigma, label) -> tuple:
+    """``(f, h)``: the U-Net's eps as a function of its bottleneck at the state ``x`` (``x0 + sigma * eps``), and ``h``.
+
+    ``label`` is the class the U-Net runs under. ``f`` keeps the encoder's skip connections and
+    embedding fixed, as ComfyUI's output-block patch does.
+    """
+    sigma = torch.as_tensor(sigma, dtype=x.dtype).reshape(1).expand(x.shape[0])
+    labels = torch.as_tensor(label).reshape(-1).expand(x.shape[0]).long()
+    with torch.no_grad():
+        h, skips, embedding = denoiser.unet.encode(x / (1 + sigma[:, None, None, None] ** 2).sqrt(),
+                                                   denoiser.timestep(sigma), labels)
+    return (lambda bottleneck: denoiser.unet.decode(bottleneck, skips, embedding)), h
+
+
+class ShiftedBottleneck:
+    """The U-Net with ``strength * direction`` added to its bottleneck at timesteps in ``[low, high]``."""
+
+    def __init__(self, unet, direction: torch.Tensor, strength: float, low: float, high: float):
+        self.unet, self.direction, self.strength, self.low, self.high = unet, direction, strength, low, high
+
+    def shift(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        active = ((t >= self.low) & (t <= self.high)).to(h)[:, None, None, None]
+        return h + self.strength * active * self.direction.to(h)
+
+    def __call__(self, x, t, labels):
+        return self.unet(x, t, labels, bottleneck=self.shift)
+
+
+def shifted_denoiser(denoiser: ShapesDenoiser, direction: torch.Tensor, strength: float,
+                     sigma_low: float = 0.0, sigma_high: float = float("inf")) -> ShapesDenoiser:
+    """``denoiser`` with its bottleneck shifted along ``direction`` (C, h, w) for sigmas in ``[sigma_low, sigma_high]``.
+
+    A shallow copy: the schedule and the U-Net's weights are shared, and ``denoiser`` is left as it is.
+    """
+    if sigma_low > sigma_high:
+        raise ValueError(f"sigma_low ({sigma_low}) must not exceed sigma_high ({sigma_high})")
+    shifted = copy.copy(denoiser)
+    bounds = denoiser.timestep(torch.tensor([max(sigma_low, 0.0), min(sigma_high, 1e30)]))
+    shifted.unet = ShiftedBottleneck(denoiser.unet, direction, strength, float(bounds[0]), float(bounds[1]))
+    return shifted
+
+
+def trajectory_function(denoiser: ShapesDenoiser, source: torch.Tensor, label, settings: EditSettings,
+                        strength: float, probe_steps) -> tuple:
+    """``(g, 0)``: a shift of the bottleneck mapped to the first-order change of the edit's result, and no shift.
+
+    ``g(delta) = sum_i w_i eps_i(h_i + delta)`` over the plain edit's states at ``probe_steps``
+    (indices into its steps, the first 0), ``w_i`` the fall in sigma over the steps probe ``i``
+    stands for, up to the next probe: an Euler step moves the image by its sigma's fall times
+    eps. It leaves out how a step's change carries through the later steps.
+    """
+    sigmas = edit_sigmas(denoiser, settings, strength)
+    steps = sorted(set(int(step) for step in probe_steps))
+    if not steps or steps[0] < 0 or steps[-1] >= len(sigmas) - 1:
+        raise ValueError(f"probe_steps must be step indices from 0 to {len(sigmas) - 2}, got {list(probe_steps)}")
+    states = []
+    model = guided(denoiser, settings)
+    labels = torch.as_tensor(label).reshape(-1)
+    sample_euler(lambda x, sigma: model(x, sigma, labels), edit_start(denoiser, source, settings, strength)[0], sigmas,
+                 callback=lambda step: states.append(step["x"]))
+    ends = steps[1:] + [len(sigmas) - 1]
+    probes = [(float(sigmas[step] - sigmas[end]), *bottleneck_function(denoiser, states[step], sigmas[step], label))
+              for step, end in zip(steps, ends)]
+
+    def g(delta):
+        return sum(weight * f(h + delta) for weight, f, h in probes)
+
+    return g, torch.zeros_like(probes[0][2])
+
+
+def find_directions(denoiser: ShapesDenoiser, source: torch.Tensor, label, mask: torch.Tensor,
+                    settings: EditSettings, strength: float, probe_steps=None, **search) -> RegionDirections:
+    """Region directions for one source (1, 3, H, W) and its mask (1, 1, H, W).
+
+    Found at the first state of its edit; or, with ``probe_steps``, for the change of the whole
+    edit's result, from the states at those steps (:func:`trajectory_function`). ``search`` goes
+    to :func:`ngdm_core.region_jacobian.region_directions` (k, confinement, ...).
+    """
+    if probe_steps is None:
+        f, h = bottleneck_function(denoiser, *edit_start(denoiser, source, settings, strength), label)
+    else:
+        f, h = trajectory_function(denoiser, source, label, settings, strength, probe_steps)
+    return region_directions(f, h, mask, **search)
+
+
+def region_edit(denoiser: ShapesDenoiser, source: torch.Tensor, label, direction: torch.Tensor, shift: float,
+                settings: EditSettings, strength: float) -> torch.Tensor:
+    """The source re-noised to ``strength`` of the schedule and sampled under its own class, the bottleneck shifted
+    by ``shift * direction`` at every step."""
+    return sdedit(shifted_denoiser(denoiser, direction, shift), source, torch.as_tensor(label).reshape(-1),
+                  settings, strength)
+
+
+def edit_leakage(edited: torch.Tensor, unedited: torch.Tensor, mask: torch.Tensor,
+                 margin: int = PRESERVE_MARGIN) -> tuple:
+    """Per item, ``(leakage, change_inside)``: ``|change outside the dilated mask| / |change inside the mask|``, and
+    the root-mean-square change per inside pixel value."""
+    change = edited - unedited
+    outside = (change * (1 - dilated(mask, margin))).flatten(1).norm(dim=1)
+    inside = (change * mask).flatten(1).norm(dim=1)
+    inside_values = (mask.expand_as(change)).flatten(1).sum(dim=1)
+    return outside / inside, inside / inside_values.sqrt()
