@@ -102,11 +102,13 @@ def _require_decreasing(sigmas):
 @torch.no_grad()
 def invert_edit_friendly(denoiser, source: torch.Tensor, sigmas: torch.Tensor, cond=None, eta: float = 1.0,
                          skip: float = 0.0, parametrization: str = "vp", generator: torch.Generator | None = None,
-                         progress=None) -> Inversion:
+                         progress=None, noise: torch.Tensor | None = None) -> Inversion:
     """Record the noise maps of ``source`` for ``denoiser(x, sigma, cond) -> x0`` (guided as the edit will be).
 
     One model evaluation per step of the edit. ``skip`` drops that fraction of the first
-    steps; the edit starts at ``trajectory[0]`` with ``sigmas``' remaining steps.
+    steps; the edit starts at ``trajectory[0]`` with ``sigmas``' remaining steps. The levels'
+    independent noises are drawn from ``generator``, or given as ``noise``, shape
+    ``(steps + 1, *source.shape)`` for the steps left after ``skip`` (to draw each item's own).
     """
     require_finite_tensor("source", source)
     _require_decreasing(sigmas)
@@ -114,7 +116,11 @@ def invert_edit_friendly(denoiser, source: torch.Tensor, sigmas: torch.Tensor, c
     check_parametrization(parametrization)
     sigmas = sigmas[first_edit_step(len(sigmas) - 1, skip):]
     steps = len(sigmas) - 1
-    noise = torch.randn((steps + 1, *source.shape), generator=generator, dtype=torch.float32).to(source)
+    if noise is None:
+        noise = torch.randn((steps + 1, *source.shape), generator=generator, dtype=torch.float32).to(source)
+    elif noise.shape != (steps + 1, *source.shape):
+        raise ValueError(f"noise has shape {tuple(noise.shape)}; the {steps} steps left need "
+                         f"{(steps + 1, *source.shape)}")
     trajectory = torch.stack([noise_source(source, noise[i], sigmas[i], parametrization) for i in range(steps + 1)])
     predictions = torch.empty_like(trajectory[:-1])
     noise_maps = torch.empty_like(trajectory[:-1])
@@ -158,15 +164,18 @@ def edit(denoiser, inversion: Inversion, cond=None, callback=None) -> torch.Tens
 
 
 def edit_per_pixel_time(denoiser, inversion: Inversion, weights: torch.Tensor, cond=None, mapping: str = "ngdm",
-                        callback=None) -> torch.Tensor:
+                        callback=None, conversions: dict | None = None,
+                        start_rule: str = "first_at_or_below") -> torch.Tensor:
     """NGDM on top of the inversion: a pixel that has not started follows the inverted source trajectory.
 
     Held pixels take the trajectory's state and the inversion's own prediction, so the replay
-    reproduces the trajectory there and a weight-0 pixel ends on the source.
+    reproduces the trajectory there and a weight-0 pixel ends on the source. ``conversions``
+    and ``start_rule`` are :func:`ngdm_core.ngdm.sample_per_pixel_time`'s.
     """
     require_map_matches("weights", weights, inversion.trajectory[0])
     require_unit_interval("weights", weights)
-    start = start_sigmas(weights.to(inversion.trajectory.dtype), inversion.sigmas, mapping, inversion.parametrization)
+    start = start_sigmas(weights.to(inversion.trajectory.dtype), inversion.sigmas, mapping, inversion.parametrization,
+                         **(conversions or {}), start_rule=start_rule)
     model = per_pixel_time_denoiser(lambda x, sigma: denoiser(x, sigma, cond), inversion.reference,
                                     inversion.sigmas, start)
     return sample_edit_friendly(model, inversion.trajectory[0].clone(), inversion.sigmas, callback=callback,
@@ -178,20 +187,26 @@ def invert_ddim(denoiser, source: torch.Tensor, sigmas: torch.Tensor, cond=None,
                 parametrization: str = "vp") -> torch.Tensor:
     """Deterministic (DDIM) inversion, the baseline: the noise predicted at each level carries the source up.
 
-    As in diffusers' ``DDIMInverseScheduler``, the model is evaluated at the level being
-    stepped to. Replaying with Euler does not return the source exactly.
+    The standard inversion: the model is evaluated at the level the state is at,
+    ``x_{i+1} = x0_hat(x_i) + sigma_{i+1} eps_hat(x_i)`` (in DDPM form
+    ``sqrt(abar_{i+1}) x0_hat + sqrt(1 - abar_{i+1}) eps_hat``), not at the level being stepped to
+    as diffusers' ``DDIMInverseScheduler`` does. The noise is undefined at sigma 0, so a schedule
+    ending at 0 takes the source as the state at its lowest sampled level, as DDPM's ``x_0`` is
+    the state at timestep 0. One model evaluation per step above that level; replaying with
+    Euler does not return the source exactly.
     """
     _require_decreasing(sigmas)
-    x = noise_source(source, torch.zeros_like(source), sigmas[-1], parametrization)
+    levels = sigmas.flip(0)
+    if levels[0] == 0:
+        x, levels = source, levels[1:]
+    else:
+        x = noise_source(source, torch.zeros_like(source), levels[0], parametrization)
     sigma_batch = source.new_ones(source.shape[0])
-    for i in range(len(sigmas) - 2, -1, -1):
-        sigma, sigma_below = sigmas[i], sigmas[i + 1]
+    for sigma, sigma_up in zip(levels[:-1], levels[1:]):
         denoised = denoiser(x, sigma * sigma_batch, cond)
         if parametrization == "flow":
             noise = (x - (1 - sigma) * denoised) / sigma
-            clean = (x - sigma_below * noise) / (1 - sigma_below)
         else:
             noise = (x - denoised) / sigma
-            clean = x - sigma_below * noise
-        x = noise_source(clean, noise, sigma, parametrization)
+        x = noise_source(denoised, noise, sigma_up, parametrization)
     return x

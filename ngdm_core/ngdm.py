@@ -15,6 +15,7 @@ from .validation import (require_at_least, require_finite_number, require_finite
                          require_positive, require_sigma_schedule, require_unit_interval)
 
 MAPPINGS = ("ngdm", "linear")
+START_RULES = ("first_at_or_below", "last_at_or_above")
 WEIGHT_MAP_MODES = ("ngdm", "diffedit")
 
 
@@ -37,11 +38,15 @@ def linear_start_sigmas(weights: torch.Tensor, sigmas: torch.Tensor, to_timestep
                         sigma_min: float = 0.0) -> torch.Tensor:
     """ComfyUI DifferentialDiffusion's mapping: a pixel starts once the normalised timestep drops to its weight.
 
-    ``to_timestep``/``to_sigma`` are the model's conversions (identity when omitted), and the
-    end of the range is ``max(sigma_min, sigmas[-1])`` as in DifferentialDiffusion.
+    ``to_timestep``/``to_sigma`` are the model's conversions (ComfyUI's ``model_sampling.timestep``
+    and ``.sigma``), and the end of the range is ``max(sigma_min, sigmas[-1])`` as in
+    DifferentialDiffusion. Both conversions are required: the mapping is linear in the model's
+    timestep, and an identity stand-in would make it linear in sigma, starting far higher
+    (at weight 0.5 over 20 steps of the shapes model's schedule, sigma 79 instead of 3.4).
     """
-    to_timestep = to_timestep or (lambda s: s)
-    to_sigma = to_sigma or (lambda t: t)
+    if to_timestep is None or to_sigma is None:
+        raise ValueError("the linear mapping needs the model's timestep conversions: pass to_timestep and to_sigma "
+                         "(ComfyUI's model_sampling.timestep and .sigma)")
     sigma_from = sigmas[0]
     sigma_to = torch.clamp(sigmas[-1], min=sigma_min)
     t_from, t_to = to_timestep(sigma_from), to_timestep(sigma_to)
@@ -49,14 +54,36 @@ def linear_start_sigmas(weights: torch.Tensor, sigmas: torch.Tensor, to_timestep
     return torch.where(weights >= 1, sigma_from.to(weights.dtype), start)
 
 
+def last_step_at_or_above(start: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """Each start moved up to the smallest step sigma at or above it (Algorithm 1's smallest grid time >= T_k).
+
+    A start of 0 (weight 0) stays 0: such a pixel never starts.
+    """
+    grid = sigmas[:-1][sigmas[:-1] > 0].flip(0).to(start)  # the sampled levels, ascending
+    index = torch.searchsorted(grid, start.contiguous()).clamp(max=len(grid) - 1)
+    return torch.where(start > 0, grid[index], start)
+
+
 def start_sigmas(weights: torch.Tensor, sigmas: torch.Tensor, mapping: str = "ngdm", parametrization: str = "vp",
-                 to_timestep=None, to_sigma=None, sigma_min: float = 0.0) -> torch.Tensor:
-    """Per-pixel start sigma for a run over ``sigmas`` with weights in [0, 1]."""
+                 to_timestep=None, to_sigma=None, sigma_min: float = 0.0,
+                 start_rule: str = "first_at_or_below") -> torch.Tensor:
+    """Per-pixel start sigma for a run over ``sigmas`` with weights in [0, 1].
+
+    ``start_rule`` says at which step a pixel whose start falls between two steps begins:
+    ``"first_at_or_below"`` (the default) at the first step with ``sigma <= sigma_k``, so no
+    pixel is ever noised above its weight's level, as DifferentialDiffusion's threshold does;
+    ``"last_at_or_above"`` one step earlier, at the smallest step sigma ``>= sigma_k``, as the
+    paper's Algorithm 1 is written. They agree where ``sigma_k`` is a step of the schedule.
+    """
+    if start_rule not in START_RULES:
+        raise ValueError(f"start_rule must be one of {START_RULES}, got {start_rule!r}")
     if mapping == "ngdm":
-        return power_law_start_sigmas(weights, sigmas[0], parametrization)
-    if mapping == "linear":
-        return linear_start_sigmas(weights, sigmas, to_timestep, to_sigma, sigma_min)
-    raise ValueError(f"mapping must be one of {MAPPINGS}, got {mapping!r}")
+        start = power_law_start_sigmas(weights, sigmas[0], parametrization)
+    elif mapping == "linear":
+        start = linear_start_sigmas(weights, sigmas, to_timestep, to_sigma, sigma_min)
+    else:
+        raise ValueError(f"mapping must be one of {MAPPINGS}, got {mapping!r}")
+    return last_step_at_or_above(start, sigmas) if start_rule == "last_at_or_above" else start
 
 
 def started(sigma, start: torch.Tensor) -> torch.Tensor:
@@ -99,11 +126,14 @@ def per_pixel_time_denoiser(model, reference, sigmas: torch.Tensor, start: torch
 
 def sample_per_pixel_time(denoiser, source: torch.Tensor, weights: torch.Tensor, sigmas: torch.Tensor,
                           noise: torch.Tensor, cond=None, sampler=sample_euler, mapping: str = "ngdm",
-                          parametrization: str = "vp", callback=None, **sampler_options) -> torch.Tensor:
+                          parametrization: str = "vp", callback=None, conversions: dict | None = None,
+                          start_rule: str = "first_at_or_below", **sampler_options) -> torch.Tensor:
     """Algorithm 1 over any ``denoiser(x, sigma, cond) -> x0`` and any ``sampler(model, x, sigmas, ...)``.
 
     ``weights`` is Lambda, shaped like ``source`` or with one channel. A weight-0 pixel returns
     the source exactly, a weight-1 pixel is sampled from ``sigmas[0]`` as plain sampling would.
+    ``conversions`` holds :func:`start_sigmas`' ``to_timestep``, ``to_sigma`` and ``sigma_min``
+    (the linear mapping needs them); ``start_rule`` is :func:`start_sigmas`'.
     """
     require_finite_tensor("source", source)
     require_map_matches("weights", weights, source)
@@ -111,7 +141,8 @@ def sample_per_pixel_time(denoiser, source: torch.Tensor, weights: torch.Tensor,
     require_sigma_schedule("sigmas", sigmas)
     if noise.shape != source.shape:
         raise ValueError(f"noise has shape {tuple(noise.shape)} but source has {tuple(source.shape)}")
-    start = start_sigmas(weights.to(source.dtype), sigmas, mapping, parametrization)
+    start = start_sigmas(weights.to(source.dtype), sigmas, mapping, parametrization, **(conversions or {}),
+                         start_rule=start_rule)
     model = per_pixel_time_denoiser(lambda x, sigma: denoiser(x, sigma, cond),
                                     noised_source_reference(source, noise, parametrization), sigmas, start)
     x = noise_source(source, noise, sigmas[0], parametrization)

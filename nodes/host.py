@@ -29,11 +29,11 @@ def parametrization(model_sampling) -> str:
                      "supported are EPS, V-prediction, EDM, X0 and flow (CONST) models")
 
 
-def host_start_sigmas(model_sampling, weights, sigmas, mapping):
+def host_start_sigmas(model_sampling, weights, sigmas, mapping, start_rule="first_at_or_below"):
     """Per-pixel start sigmas with the model's own sigma/timestep conversions (used by the linear mapping)."""
     return start_sigmas(weights, sigmas, mapping, parametrization(model_sampling),
                         to_timestep=model_sampling.timestep, to_sigma=model_sampling.sigma,
-                        sigma_min=float(model_sampling.sigma_min))
+                        sigma_min=float(model_sampling.sigma_min), start_rule=start_rule)
 
 
 def edit_sigmas(model_sampling, steps, strength):

@@ -8,8 +8,8 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..ngdm_core.change_map import change_weight_map
-from ..ngdm_core.ngdm import (MAPPINGS, WEIGHT_MAP_MODES, noised_source_reference, per_pixel_time_denoiser, started,
-                              weight_map)
+from ..ngdm_core.ngdm import (MAPPINGS, START_RULES, WEIGHT_MAP_MODES, noised_source_reference, per_pixel_time_denoiser,
+                              started, weight_map)
 from ..ngdm_core.validation import require_unit_interval
 from .host import (CATEGORY, as_sampled, edit_sigmas, guided_denoiser, host_start_sigmas, parametrization,
                    progress_reporter, require_conditioning, require_pixelwise_latent, require_sampling_run,
@@ -24,6 +24,10 @@ CFG_CHANGING_OPTIONS = ("sampler_cfg_function", "sampler_post_cfg_function", "sa
                         "sampler_calc_cond_batch_function", "disable_cfg1_optimization")
 MAPPING_TOOLTIP = ("ngdm: each pixel starts at sigma_k = sqrt((1 + sigma_T^2)^lambda - 1), so noise grows as the paper's "
                    "non-isotropic process. linear: DifferentialDiffusion's threshold on the normalised timestep, for comparison.")
+START_RULE_TOOLTIP = ("Where a pixel whose start time falls between two steps begins. first_at_or_below: at the first "
+                      "step with sigma <= its start, so no pixel gets more noise than its weight asks (as "
+                      "DifferentialDiffusion). last_at_or_above: one step earlier, at the smallest step sigma >= its "
+                      "start, as the paper's Algorithm 1 is written. They agree where a start is a step.")
 
 
 class NGDMWeightMap(io.ComfyNode):
@@ -141,7 +145,7 @@ def _require_weights(weights, node):
 
 
 def sample_per_pixel_time(model, x, sigmas, extra_args=None, callback=None, disable=None, base_sampler=None,
-                          mapping="ngdm"):
+                          mapping="ngdm", start_rule="first_at_or_below"):
     """A SAMPLER function: Algorithm 1 around ``base_sampler``, with Lambda from the latent's noise_mask."""
     extra_args = extra_args or {}
     require_sampling_run(model, sigmas)
@@ -152,7 +156,7 @@ def sample_per_pixel_time(model, x, sigmas, extra_args=None, callback=None, disa
     weights = extra_args.get("denoise_mask")
     _require_weights(weights, "PerPixelTimeSampler")
     model_sampling = model.inner_model.inner_model.model_sampling
-    start = host_start_sigmas(model_sampling, weights, sigmas, mapping)
+    start = host_start_sigmas(model_sampling, weights, sigmas, mapping, start_rule)
     # Over an edit-friendly inversion, held pixels follow the inverted trajectory instead.
     inversion = getattr(base_sampler, "inversion", None)
     if inversion is not None:
@@ -195,15 +199,19 @@ class PerPixelTimeSampler(io.ComfyNode):
             inputs=[
                 io.Sampler.Input("sampler", tooltip="The base sampler, e.g. from KSamplerSelect."),
                 io.Combo.Input("mapping", options=list(MAPPINGS), default="ngdm", tooltip=MAPPING_TOOLTIP),
+                # Optional, so API prompts saved before the widget existed still run.
+                io.Combo.Input("start_rule", options=list(START_RULES), default=START_RULES[0], optional=True,
+                               tooltip=START_RULE_TOOLTIP),
             ],
             outputs=[io.Sampler.Output(tooltip="For SamplerCustomAdvanced, with a latent whose noise_mask is Lambda "
                                                "(NGDM Edit: Weight Map's latent output).")],
         )
 
     @classmethod
-    def execute(cls, sampler, mapping) -> io.NodeOutput:
+    def execute(cls, sampler, mapping, start_rule=START_RULES[0]) -> io.NodeOutput:
         _require_supported_sampler(sampler)
-        function = functools.partial(sample_per_pixel_time, base_sampler=sampler, mapping=mapping)
+        function = functools.partial(sample_per_pixel_time, base_sampler=sampler, mapping=mapping,
+                                     start_rule=start_rule)
         return io.NodeOutput(comfy.samplers.KSAMPLER(function, inpaint_options=sampler.inpaint_options))
 
 
@@ -242,11 +250,11 @@ def keep_mask_function(function):
     return check
 
 
-def started_mask(sigma, denoise_mask, extra_options, mapping="ngdm"):
+def started_mask(sigma, denoise_mask, extra_options, mapping="ngdm", start_rule="first_at_or_below"):
     """A ``denoise_mask_function``: this step's binary mask, 1 where a pixel has started."""
     _require_weights(denoise_mask, "PerPixelTimeModel")
     model_sampling = extra_options["model"].inner_model.model_sampling
-    start = host_start_sigmas(model_sampling, denoise_mask, extra_options["sigmas"], mapping)
+    start = host_start_sigmas(model_sampling, denoise_mask, extra_options["sigmas"], mapping, start_rule)
     return started(sigma, start).to(denoise_mask.dtype)
 
 
@@ -264,20 +272,23 @@ class PerPixelTimeModel(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The model to patch; a patched copy is returned."),
                 io.Combo.Input("mapping", options=list(MAPPINGS), default="ngdm", tooltip=MAPPING_TOOLTIP),
+                # Optional, so API prompts saved before the widget existed still run.
+                io.Combo.Input("start_rule", options=list(START_RULES), default=START_RULES[0], optional=True,
+                               tooltip=START_RULE_TOOLTIP),
             ],
             outputs=[io.Model.Output(tooltip="For KSampler or any sampler node, with a latent whose noise_mask is "
                                              "Lambda (NGDM Edit: Weight Map's latent output).")],
         )
 
     @classmethod
-    def execute(cls, model, mapping) -> io.NodeOutput:
+    def execute(cls, model, mapping, start_rule=START_RULES[0]) -> io.NodeOutput:
         owner = mask_function_owner(model.model_options)
         if owner:
             # The two rules would give each pixel two start times; there is no one composition of them.
             raise ValueError(f"model: {owner} already gives it a denoise_mask_function, and only one can turn the "
                              f"noise_mask into per-step masks: remove {owner}{_linear_hint(owner)} or this node.")
         model = model.clone()
-        function = functools.partial(started_mask, mapping=mapping)
+        function = functools.partial(started_mask, mapping=mapping, start_rule=start_rule)
         model.set_model_denoise_mask_function(function)
         model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, MASK_FUNCTION_KEY,
                                    keep_mask_function(function))

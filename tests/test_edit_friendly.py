@@ -141,3 +141,22 @@ def test_inputs_are_not_mutated():
     edit_per_pixel_time(guided, inversion, torch.full((2, 1, 8, 8), 0.5), "target")
     assert torch.equal(source, before[0]) and torch.equal(sigmas, before[1])
     assert torch.equal(inversion.trajectory[0], start)
+
+
+@pytest.mark.parametrize("parametrization", ["vp", "flow"])
+def test_ddim_inversion_evaluates_the_model_at_the_level_the_state_is_at(parametrization):
+    # Data N(0, 1): D(x, s) is the posterior mean. From the source taken at the lowest level s1, the
+    # standard step to s2 reads the model at s1: x2 = D(x, s1) + s2 eps(x, s1). The weaker variant reads it
+    # at s2 and, for this denoiser, would return the source unchanged in VP form.
+    denoiser = GaussianDenoiser({"c": torch.zeros(1)}, parametrization=parametrization)
+    source = torch.tensor([[[[0.7]]]], dtype=torch.float64)
+    s2, s1 = (0.8, 0.3) if parametrization == "flow" else (2.0, 0.5)
+    noisy = invert_ddim(denoiser, source, torch.tensor([s2, s1, 0.0], dtype=torch.float64), "c", parametrization)
+    assert denoiser.batch_sizes == [1]
+    if parametrization == "flow":
+        denoised = (1 - s1) / ((1 - s1) ** 2 + s1**2) * source
+        noise = (source - (1 - s1) * denoised) / s1
+        expected = (1 - s2) * denoised + s2 * noise
+    else:
+        expected = source * (1 + s1 * s2) / (1 + s1**2)
+    assert torch.allclose(noisy, expected, rtol=1e-12)

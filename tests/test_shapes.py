@@ -11,7 +11,8 @@ import torch
 
 from ngdm_core.shapes import demo, demo_edit
 from ngdm_core.shapes.data import CLASSES, HELD_OUT_SEED, TRAINING_SEED, make_batch
-from ngdm_core.shapes.edits import dilated, iou, psnr, ssim
+from ngdm_core.shapes.edits import (EditSettings, dilated, edit_friendly, ground_truth_edit, invert, iou, per_pixel_time,
+                                    psnr, sdedit, ssim)
 from ngdm_core.shapes.model import load_classifier, load_denoiser
 
 
@@ -90,6 +91,58 @@ def test_metrics_agree_with_their_closed_forms():
     assert dilated(square, 1).sum() == 16
 
 
+def test_ssim_is_scikit_images_with_the_standard_gaussian_window():
+    metrics = pytest.importorskip("skimage.metrics")
+    images = make_batch(3, 2).images
+    noisy = (images + 0.2 * torch.randn(images.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+    # scikit-image crops the 5 px the 11x11 window overhangs; ours reflects there, so compare inside.
+    inside = torch.zeros(2, 1, 32, 32)
+    inside[..., 5:-5, 5:-5] = 1
+    ours = ssim(noisy, images, inside)
+    for item in range(2):
+        as_array = lambda image: ((image[item] + 1) / 2).permute(1, 2, 0).double().numpy()
+        reference = metrics.structural_similarity(as_array(noisy), as_array(images), data_range=1.0, channel_axis=2,
+                                                  gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+        assert abs(ours[item].item() - reference) < 1e-4
+
+
+def test_the_ground_truth_edit_differs_from_the_source_only_on_the_union_of_both_objects():
+    source = make_batch(2, 24)
+    target = (source.labels + 1 + torch.arange(24) % 2) % len(CLASSES)
+    edited, union = ground_truth_edit(2, 24, target)
+    changed = (edited != source.images).any(1, keepdim=True)
+    assert not changed[union == 0].any()
+    assert torch.equal(union, torch.maximum(source.masks, make_batch(2, 24, shapes=target).masks))
+    assert changed.flatten(1).any(1).all()
+
+
+def test_an_items_edit_does_not_depend_on_its_batch():
+    # Every draw is seeded by the item's index, so item 3 edited alone is item 3 of a batch of 5.
+    denoiser, settings = load_denoiser(), EditSettings(steps=4)
+    batch = make_batch(2, 5)
+    target = (batch.labels + 1) % len(CLASSES)
+    weights = torch.rand(5, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    together = per_pixel_time(denoiser, batch.images, target, weights, settings, start=0.7)
+    alone = per_pixel_time(denoiser, batch.images[3:4], target[3:4], weights[3:4], settings, start=0.7, indices=[3])
+    assert torch.allclose(together[3:4], alone, atol=1e-5)
+    assert torch.allclose(sdedit(denoiser, batch.images, target, settings, 0.5)[3:4],
+                          sdedit(denoiser, batch.images[3:4], target[3:4], settings, 0.5, indices=[3]), atol=1e-5)
+    replayed = [edit_friendly(denoiser, invert(denoiser, images, labels, settings, 0.25, indices), targets, settings)
+                for images, labels, targets, indices in ((batch.images, batch.labels, target, None),
+                                                         (batch.images[3:4], batch.labels[3:4], target[3:4], [3]))]
+    assert torch.allclose(replayed[0][3:4], replayed[1], atol=1e-5)
+
+
+def test_the_shapes_models_conversions_are_comfyuis_model_sampling_discrete():
+    denoiser = load_denoiser()
+    steps = torch.tensor([0, 1, 250, 999])
+    assert torch.equal(denoiser.sigma_to_timestep(denoiser.schedule_sigmas[steps] * 1.001), steps)
+    assert torch.allclose(denoiser.timestep_to_sigma(steps), denoiser.schedule_sigmas[steps], rtol=1e-6)
+    halfway = (denoiser.log_sigmas[499] + denoiser.log_sigmas[500]).div(2).exp()
+    assert abs(denoiser.percent_to_sigma(0.5) - halfway.item()) < 1e-5 * halfway.item()
+    assert denoiser.percent_to_sigma(1.0) == 0.0 and denoiser.sigma_min == denoiser.schedule_sigmas[0].item()
+
+
 def test_the_classifier_is_confident_on_the_data_set_and_often_unsure_on_noise(held_out):
     # The demo counts a verdict on an image from elsewhere only at demo_edit.CONFIDENT: nearly every
     # held-out verdict reaches it, and much fewer of those on uniform noise images do.
@@ -123,7 +176,7 @@ def test_the_demo_writes_its_grid_and_metrics(tmp_path):
                                  "num_maps": 2, "seed": 0}
     assert set(metrics["methods"]) == {"NGDM", "edit-friendly", "NGDM + edit-friendly", "SDEdit 0.7", "hard mask"}
     for entry in metrics["methods"].values():
-        assert 0 <= entry["ssim_outside_mask"] <= 1 and entry["psnr_outside_mask"] > 0
+        assert 0 <= entry["ssim_outside_union"] <= 1 and entry["psnr_outside_union"] > 0
         assert entry["edit_success"] in (True, False)
 
 
@@ -141,7 +194,7 @@ def test_the_demo_edits_an_image_file(tmp_path):
     Image.fromarray(image.numpy()).resize((64, 64)).save(tmp_path / "source.png")
     metrics = demo.main(["--image", str(tmp_path / "source.png"), "--target", "square", "--steps", "4",
                          "--num-maps", "1", "--out", str(tmp_path / "edit")])
-    assert metrics["target_class"] == "square" and "weight_map_iou" not in metrics
+    assert metrics["target_class"] == "square" and "weight_map_iou_union" not in metrics
     assert metrics["inputs"]["image"] == str(tmp_path / "source.png") and "index" not in metrics["inputs"]
     for entry in metrics["methods"].values():
         # A confident verdict for the target is a success; an unsure one is no verdict.

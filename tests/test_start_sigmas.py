@@ -1,6 +1,9 @@
+import math
+
+import pytest
 import torch
 
-from ngdm_core.ngdm import linear_start_sigmas, power_law_start_sigmas, start_sigmas
+from ngdm_core.ngdm import linear_start_sigmas, power_law_start_sigmas, start_sigmas, started
 from ngdm_core.schedule import flow_to_vp_sigma, linear_beta_sigma, linear_beta_start_time, vp_to_flow_sigma
 
 WEIGHTS = torch.linspace(0, 1, 201, dtype=torch.float64)
@@ -44,9 +47,11 @@ def test_flow_start_is_the_vp_start_at_the_same_snr():
 
 def test_linear_mapping_interpolates_between_the_ends_of_the_run():
     sigmas = torch.tensor([10.0, 5.0, 1.0, 0.5, 0.0])
-    start = linear_start_sigmas(torch.tensor([0.0, 0.25, 1.0]), sigmas, sigma_min=0.5)
+    identity = {"to_timestep": lambda s: s, "to_sigma": lambda t: t}
+    start = linear_start_sigmas(torch.tensor([0.0, 0.25, 1.0]), sigmas, **identity, sigma_min=0.5)
     assert torch.allclose(start, torch.tensor([0.5, 0.5 + 0.25 * 9.5, 10.0]))
-    assert torch.equal(start_sigmas(torch.tensor([0.3]), sigmas, "linear"), linear_start_sigmas(torch.tensor([0.3]), sigmas))
+    assert torch.equal(start_sigmas(torch.tensor([0.3]), sigmas, "linear", **identity),
+                       linear_start_sigmas(torch.tensor([0.3]), sigmas, **identity))
 
 
 def test_a_weight_zero_pixel_never_starts_even_at_sigma_zero():
@@ -54,3 +59,51 @@ def test_a_weight_zero_pixel_never_starts_even_at_sigma_zero():
     start = power_law_start_sigmas(torch.tensor([0.0, 0.3, 1.0]), 14.6)
     assert started(torch.tensor(0.0), start).tolist() == [False, True, True]
     assert started(torch.tensor(14.6), start).tolist() == [False, False, True]
+
+
+def test_the_linear_mapping_needs_the_models_conversions():
+    sigmas = torch.tensor([10.0, 5.0, 1.0, 0.0])
+    with pytest.raises(ValueError, match="to_timestep and to_sigma"):
+        start_sigmas(torch.tensor([0.5]), sigmas, "linear")
+    with pytest.raises(ValueError, match="to_timestep and to_sigma"):
+        linear_start_sigmas(torch.tensor([0.5]), sigmas, to_timestep=lambda s: s)
+
+
+def test_with_the_shapes_models_conversions_the_linear_mapping_is_comfyuis_differential_diffusion():
+    from ngdm_core.shapes.model import load_denoiser
+
+    denoiser = load_denoiser()
+    sigmas = denoiser.sigmas(20)
+    weights = torch.linspace(0, 1, 201)
+    start = start_sigmas(weights, sigmas, "linear", **denoiser.timestep_conversions())
+    # ComfyUI's ModelSamplingDiscrete: timestep = nearest index in log sigma, sigma(t) = log-linear interpolation.
+    log_sigmas = denoiser.schedule_sigmas.double().log()
+    nearest = lambda sigma: (math.log(sigma) - log_sigmas).abs().argmin().item()
+    t_from, t_to = nearest(sigmas[0]), nearest(max(float(sigmas[-1]), denoiser.sigma_min))
+    t = t_to + weights.double() * (t_from - t_to)
+    low, high = t.floor().long(), t.ceil().long()
+    closed_form = torch.exp((1 - t.frac()) * log_sigmas[low] + t.frac() * log_sigmas[high])
+    assert (t_from, t_to) == (999, 0)
+    assert torch.allclose(start.double(), closed_form, rtol=1e-6, atol=0)
+    # And step by step, the pixels denoised are DifferentialDiffusion's: weight >= its threshold.
+    for sigma in sigmas[:-1]:
+        threshold = (nearest(sigma) - t_to) / (t_from - t_to)
+        assert torch.equal(started(sigma, start), weights >= threshold), float(sigma)
+
+
+def test_the_papers_start_rule_starts_a_pixel_one_step_earlier_unless_its_start_is_a_step():
+    sigmas = torch.tensor([10.0, 5.0, 2.0, 1.0, 0.0])
+    weights = torch.linspace(0, 1, 101)
+    below = start_sigmas(weights, sigmas)
+    above = start_sigmas(weights, sigmas, start_rule="last_at_or_above")
+    grid = sigmas[:-1]
+    # Algorithm 1 as written: the smallest step sigma at or above sigma_k; weight 0 never starts.
+    expected = torch.stack([grid[grid >= s].min() if s > 0 else s for s in below])
+    assert torch.equal(above, expected)
+    first_step = lambda start: torch.stack([(grid <= s).nonzero().min() if (grid <= s).any() else torch.tensor(len(grid))
+                                            for s in start])
+    on_grid = (below[:, None] == grid).any(1) | (below == 0)
+    assert torch.equal(first_step(above)[~on_grid], first_step(below)[~on_grid] - 1)
+    assert torch.equal(above[on_grid], below[on_grid])
+    with pytest.raises(ValueError, match="start_rule"):
+        start_sigmas(weights, sigmas, start_rule="paper")

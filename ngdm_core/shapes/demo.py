@@ -46,7 +46,8 @@ def parser() -> argparse.ArgumentParser:
                                            "a data-set source; --index and --set are then unused (default: none)")
     arguments.add_argument("--source-class", choices=CLASSES,
                            help="the class --image shows (default: the classifier's verdict)")
-    arguments.add_argument("--target", choices=CLASSES, help="the class to edit into (default: the class after the source's)")
+    arguments.add_argument("--target", choices=CLASSES, help="the class to edit into (default: for a data-set item N, the quality "
+                           "benchmark's pairing, the class 1 + N %% 2 after the source's; for --image, the next)")
     arguments.add_argument("--steps", type=int, default=50, help="sampling steps of every method")
     arguments.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
     arguments.add_argument("--num-maps", type=int, default=10, help="noise seeds averaged into the weight map")

@@ -2,20 +2,29 @@
 
 Used by the demo and the quality benchmark. Each edit takes a batch of sources, their class
 and the target class (one per item), and returns the edited images; all sample with Euler
-under classifier-free guidance, from a seeded noise, so methods differ only in the method.
+under classifier-free guidance, so methods differ only in the method. Every random draw is the
+item's own, seeded by ``(settings.seed, the item's index in its data set, what it is for)``:
+an item's edit is the same whatever batch it is edited in, so ``demo --set 2 --index N``
+reproduces the benchmark's item N.
 """
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..change_map import change_weights
 from ..denoisers import classifier_free_guidance
-from ..edit_friendly import edit, edit_per_pixel_time, invert_ddim, invert_edit_friendly
-from ..ngdm import sample_per_pixel_time, weight_map
+from ..edit_friendly import edit, edit_per_pixel_time, first_edit_step, invert_ddim, invert_edit_friendly
+from ..ngdm import prompt_difference, sample_per_pixel_time
 from ..samplers import sample_euler
 from ..schedule import noise_source
+from .data import make_batch
 from .model import ShapesDenoiser
+
+# What a draw is for: each has its own stream, so one method's draws never shift another's.
+START_NOISE, MAP_NOISE, INVERSION_NOISE, CHANGE_MAP_NOISE = range(4)
 
 
 @dataclass
@@ -27,46 +36,106 @@ class EditSettings:
     num_maps: int = 10
 
 
+class EvaluationCounter:
+    """The denoiser, counting model evaluations: a call on a batch of ``B`` items counts ``B``.
+
+    One evaluation is one U-Net forward pass for one item (a guided step is two: conditional and
+    unconditional).
+    """
+
+    def __init__(self, denoiser: ShapesDenoiser):
+        self.denoiser = denoiser
+        self.evaluations = 0
+
+    def __call__(self, x, sigma, cond=None):
+        self.evaluations += x.shape[0]
+        return self.denoiser(x, sigma, cond)
+
+    def __getattr__(self, name):
+        return getattr(self.denoiser, name)
+
+
+def item_indices(source: torch.Tensor, indices=None) -> list[int]:
+    """The items' indices in their data set: ``0 .. B - 1`` unless given."""
+    return list(range(source.shape[0])) if indices is None else [int(index) for index in indices]
+
+
+def item_noise(source: torch.Tensor, settings: EditSettings, purpose: int, indices=None, leading=()) -> torch.Tensor:
+    """Standard normal noise of shape ``(*leading, *source.shape)``, each item's drawn from its own generator."""
+    draws = []
+    for index in item_indices(source, indices):
+        seed = int(np.random.SeedSequence([settings.seed, index, purpose]).generate_state(1)[0])
+        draws.append(torch.randn((*leading, *source.shape[1:]), generator=torch.Generator().manual_seed(seed)))
+    return torch.stack(draws, dim=len(leading)).to(source)
+
+
 def guided(denoiser: ShapesDenoiser, settings: EditSettings):
     return classifier_free_guidance(denoiser, None, settings.cfg)
 
 
-def _noise(source: torch.Tensor, seed: int) -> torch.Tensor:
-    return torch.randn(source.shape, generator=torch.Generator().manual_seed(seed))
+def map_difference(denoiser, source, source_class, target_class, settings: EditSettings, indices=None,
+                   conditional_only: bool = False) -> torch.Tensor:
+    """``|D_target - D_source|`` averaged over the items' own map noises, under CFG or from the conditional branch alone.
+
+    Min-max normalisation cancels CFG's scale on this difference, so the conditional-only
+    difference gives the same map at half the model evaluations.
+    """
+    model = denoiser if conditional_only else guided(denoiser, settings)
+    noise = item_noise(source, settings, MAP_NOISE, indices, leading=(settings.num_maps,))
+    return prompt_difference(model, source, source_class, target_class, denoiser.sigma_at(settings.map_strength),
+                             noise)
 
 
-def weights(denoiser: ShapesDenoiser, source, source_class, target_class, settings: EditSettings, mode="ngdm",
-            a: float = 10.0, b: float = 5.0) -> torch.Tensor:
-    return weight_map(guided(denoiser, settings), source, source_class, target_class,
-                      denoiser.sigma_at(settings.map_strength), settings.num_maps, settings.seed, mode, a=a, b=b)
+def change_map(denoiser, source, source_class, target_class, settings: EditSettings, steps: int,
+               indices=None) -> torch.Tensor:
+    """:func:`ngdm_core.change_map.change_weight_map` with each item's own draws: where an edit-friendly edit of ``steps`` steps changed the source."""
+    model = guided(denoiser, settings)
+    noise = item_noise(source, settings, CHANGE_MAP_NOISE, indices, leading=(steps + 1,))
+    inversion = invert_edit_friendly(model, source, denoiser.sigmas(steps), source_class, noise=noise)
+    return change_weights(source, edit(model, inversion, target_class))
 
 
-def sdedit(denoiser, source, target_class, settings: EditSettings, strength: float) -> torch.Tensor:
+def sdedit(denoiser, source, target_class, settings: EditSettings, strength: float, indices=None) -> torch.Tensor:
     """Noise the whole image to ``strength`` of the schedule and denoise under the target."""
-    sigmas = denoiser.sigmas(settings.steps)
-    sigmas = sigmas[min(round((1 - strength) * settings.steps), settings.steps - 1):]
-    x = noise_source(source, _noise(source, settings.seed), sigmas[0])
+    sigmas = truncated_sigmas(denoiser, settings, strength)
+    x = noise_source(source, item_noise(source, settings, START_NOISE, indices), sigmas[0])
     model = guided(denoiser, settings)
     return sample_euler(lambda x, sigma: model(x, sigma, target_class), x, sigmas)
 
 
-def per_pixel_time(denoiser, source, target_class, weights_map, settings: EditSettings, mapping="ngdm"):
-    """Algorithm 1: NGDM's power law, or DifferentialDiffusion's ``"linear"`` mapping (a binary map: hard blending)."""
-    return sample_per_pixel_time(guided(denoiser, settings), source, weights_map, denoiser.sigmas(settings.steps),
-                                 _noise(source, settings.seed), target_class, mapping=mapping)
+def truncated_sigmas(denoiser, settings: EditSettings, strength: float) -> torch.Tensor:
+    """The last ``strength`` of the schedule's steps (at least one), as SDEdit's strength and NGDM's start use it."""
+    sigmas = denoiser.sigmas(settings.steps)
+    return sigmas[min(round((1 - strength) * settings.steps), settings.steps - 1):]
 
 
-def invert(denoiser, source, source_class, settings: EditSettings, skip: float):
-    generator = torch.Generator().manual_seed(settings.seed)
+def per_pixel_time(denoiser, source, target_class, weights_map, settings: EditSettings, mapping="ngdm",
+                   start: float = 1.0, start_rule: str = "first_at_or_below", indices=None):
+    """Algorithm 1 from ``start`` of the schedule: NGDM's power law, or DifferentialDiffusion's ``"linear"`` mapping.
+
+    The linear mapping is linear in the model's timestep, with ComfyUI's conversions, as
+    DifferentialDiffusion's node is; with a binary map it is hard blending.
+    """
+    return sample_per_pixel_time(guided(denoiser, settings), source, weights_map,
+                                 truncated_sigmas(denoiser, settings, start),
+                                 item_noise(source, settings, START_NOISE, indices), target_class, mapping=mapping,
+                                 conversions=denoiser.timestep_conversions(), start_rule=start_rule)
+
+
+def invert(denoiser, source, source_class, settings: EditSettings, skip: float, indices=None):
+    steps_left = settings.steps - first_edit_step(settings.steps, skip)
+    noise = item_noise(source, settings, INVERSION_NOISE, indices, leading=(steps_left + 1,))
     return invert_edit_friendly(guided(denoiser, settings), source, denoiser.sigmas(settings.steps), source_class,
-                                skip=skip, generator=generator)
+                                skip=skip, noise=noise)
 
 
-def edit_friendly(denoiser, inversion, target_class, settings: EditSettings, weights_map=None) -> torch.Tensor:
+def edit_friendly(denoiser, inversion, target_class, settings: EditSettings, weights_map=None,
+                  start_rule: str = "first_at_or_below") -> torch.Tensor:
     """Replay the inversion under the target; with ``weights_map``, NGDM over the inversion."""
     if weights_map is None:
         return edit(guided(denoiser, settings), inversion, target_class)
-    return edit_per_pixel_time(guided(denoiser, settings), inversion, weights_map, target_class)
+    return edit_per_pixel_time(guided(denoiser, settings), inversion, weights_map, target_class,
+                               start_rule=start_rule)
 
 
 def ddim_reconstruction(denoiser, source, source_class, settings: EditSettings) -> torch.Tensor:
@@ -75,6 +144,17 @@ def ddim_reconstruction(denoiser, source, source_class, settings: EditSettings) 
     model = guided(denoiser, settings)
     noisy = invert_ddim(model, source, sigmas, source_class)
     return sample_euler(lambda x, sigma: model(x, sigma, source_class), noisy, sigmas)
+
+
+def ground_truth_edit(data_set: int, count: int, target_class: torch.Tensor, start: int = 0):
+    """The items rendered as their target class, and the union of the source's and the target's object masks.
+
+    Only the object is redrawn (background, colour, place and size stay), so the ground-truth
+    edit differs from the source exactly on that union: it is the reference region.
+    """
+    sources = make_batch(data_set, count, start=start)
+    edited = make_batch(data_set, count, start=start, shapes=target_class)
+    return edited.images, torch.maximum(sources.masks, edited.masks)
 
 
 # --- metrics ---------------------------------------------------------------------------------------
@@ -92,8 +172,13 @@ def psnr(images: torch.Tensor, references: torch.Tensor, region: torch.Tensor) -
 
 
 def ssim(images: torch.Tensor, references: torch.Tensor, region: torch.Tensor, window_sigma: float = 1.5) -> torch.Tensor:
-    """Mean SSIM per item over ``region``, from Gaussian-window local statistics (Wang et al. 2004)."""
-    radius = 3
+    """Mean SSIM per item over ``region`` (Wang et al. 2004): the standard 11x11 Gaussian window of sigma 1.5.
+
+    Images in [-1, 1] are compared on [0, 1] (data range 1), with population statistics, as
+    scikit-image's ``structural_similarity(gaussian_weights=True, use_sample_covariance=False)``.
+    Borders are reflected; scikit-image crops them instead, so the two agree away from the border.
+    """
+    radius = 5
     offsets = torch.arange(-radius, radius + 1, dtype=images.dtype)
     kernel = torch.exp(-offsets**2 / (2 * window_sigma**2))
     kernel = (kernel / kernel.sum()).reshape(1, 1, 1, -1)

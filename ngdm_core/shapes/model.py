@@ -132,6 +132,41 @@ class ShapesDenoiser:
         fraction = ((log_sigma - low) / (high - low)).clamp(0, 1)
         return upper - 1 + fraction
 
+    @property
+    def sigma_min(self) -> float:
+        """The schedule's smallest sigma, timestep 0 (ComfyUI's ``model_sampling.sigma_min``)."""
+        return float(self.schedule_sigmas[0])
+
+    def sigma_to_timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        """ComfyUI's ``ModelSamplingDiscrete.timestep``: the index of the nearest schedule level in log sigma.
+
+        An integer, unlike :meth:`timestep` (the fractional one the U-Net is fed here); it is what
+        DifferentialDiffusion's threshold is linear in.
+        """
+        sigma = torch.as_tensor(sigma, dtype=torch.float32)
+        distances = sigma.log().to(self.log_sigmas.device) - self.log_sigmas[:, None]
+        return distances.abs().argmin(dim=0).view(sigma.shape).to(sigma.device)
+
+    def timestep_to_sigma(self, timestep: torch.Tensor) -> torch.Tensor:
+        """ComfyUI's ``ModelSamplingDiscrete.sigma``: log sigma interpolated linearly between integer timesteps."""
+        timestep = torch.as_tensor(timestep)
+        t = timestep.float().to(self.log_sigmas.device).clamp(0, len(self.log_sigmas) - 1)
+        low, high, fraction = t.floor().long(), t.ceil().long(), t.frac()
+        log_sigma = (1 - fraction) * self.log_sigmas[low] + fraction * self.log_sigmas[high]
+        return log_sigma.exp().to(timestep.device)
+
+    def percent_to_sigma(self, percent: float) -> float:
+        """ComfyUI's ``ModelSamplingDiscrete.percent_to_sigma``: 0 is the top of the schedule, 1 its end."""
+        if percent <= 0.0:
+            return 999999999.9
+        if percent >= 1.0:
+            return 0.0
+        return self.timestep_to_sigma(torch.tensor((1.0 - percent) * (len(self.log_sigmas) - 1))).item()
+
+    def timestep_conversions(self) -> dict:
+        """The ``to_timestep``, ``to_sigma`` and ``sigma_min`` the linear mapping of :func:`ngdm_core.ngdm.start_sigmas` needs."""
+        return {"to_timestep": self.sigma_to_timestep, "to_sigma": self.timestep_to_sigma, "sigma_min": self.sigma_min}
+
     def sigma_at(self, strength: float) -> float:
         """The sigma ``strength`` of the way up the schedule (ComfyUI's ``percent_to_sigma(1 - strength)``)."""
         if not 0 < strength <= 1:

@@ -14,7 +14,7 @@ import torch
 from ..region_jacobian import RegionDirections, region_directions
 from ..schedule import noise_source
 from ..samplers import sample_euler
-from .edits import EditSettings, _noise, dilated, guided, sdedit
+from .edits import START_NOISE, EditSettings, dilated, guided, item_noise, sdedit
 from .model import ShapesDenoiser
 
 PRESERVE_MARGIN = 2  # pixels the mask is dilated by before the outside is measured, as in the quality benchmark
@@ -29,7 +29,7 @@ def edit_sigmas(denoiser: ShapesDenoiser, settings: EditSettings, strength: floa
 def edit_start(denoiser: ShapesDenoiser, source: torch.Tensor, settings: EditSettings, strength: float) -> tuple:
     """``(x, sigma)``: the first state of :func:`.edits.sdedit` at ``strength`` of the schedule."""
     sigma = edit_sigmas(denoiser, settings, strength)[0]
-    return noise_source(source, _noise(source, settings.seed), sigma), sigma
+    return noise_source(source, item_noise(source, settings, START_NOISE), sigma), sigma
 
 
 def bottleneck_function(denoiser: ShapesDenoiser, x: torch.Tensor, sigma, label) -> tuple:

@@ -52,6 +52,23 @@ def test_linear_mapping_matches_differential_diffusion(host):
     assert torch.allclose(ours, reference, atol=1e-5)
 
 
+def test_the_papers_start_rule_reaches_both_nodes_and_changes_the_edit(host):
+    weights = torch.rand(1, 1, host.LATENT_SIZE, host.LATENT_SIZE, generator=torch.Generator().manual_seed(2))
+    model = host.tiny_model("eps")
+    results = {}
+    for rule in ("first_at_or_below", "last_at_or_above"):
+        (wrapped,) = node(host, "PerPixelTimeSampler", sampler=sampler("euler"), mapping="ngdm", start_rule=rule)
+        (patched,) = node(host, "PerPixelTimeModel", model=model, mapping="ngdm", start_rule=rule)
+        *_, from_sampler = host.sample_with_weights(model, wrapped, weights)
+        *_, from_patch = host.sample_with_weights(patched, sampler("euler"), weights)
+        results[rule] = from_sampler, from_patch
+    for made_by in range(2):
+        assert not torch.allclose(results["first_at_or_below"][made_by], results["last_at_or_above"][made_by])
+    # Without the widget (an API prompt from before it), the default rule.
+    (default,) = node(host, "PerPixelTimeSampler", sampler=sampler("euler"), mapping="ngdm")
+    assert torch.equal(host.sample_with_weights(model, default, weights)[-1], results["first_at_or_below"][0])
+
+
 def test_weight_map_batches_all_seeds_and_leaves_conditioning_untouched(host):
     import nodes
     model, batch_sizes = host.count_model_calls(host.tiny_model("eps"))
