@@ -320,10 +320,11 @@ def plot(rows, path) -> None:
 
     figure, axes = plt.subplots(figsize=(8, 5), dpi=120)
     label = lambda row: row["method"] + (" (change map)" if row["setting"].startswith("change") else "")
-    for name in dict.fromkeys(map(label, rows)):
+    # tab20, not the default ten-colour cycle, which repeats colours past ten methods.
+    for name, colour in zip(dict.fromkeys(map(label, rows)), plt.get_cmap("tab20").colors):
         points = [row for row in rows if label(row) == name]
         axes.plot([row["psnr_outside"] for row in points], [row["success"] for row in points],
-                  "s" if name.endswith("(change map)") else "o", alpha=0.8, label=name)
+                  "s" if name.endswith("(change map)") else "o", color=colour, alpha=0.8, label=name)
     axes.set_xlabel("preservation: PSNR outside the dilated union of both objects (dB)")
     axes.set_ylabel("edit success: classifier accuracy on the target")
     axes.grid(alpha=0.3)
