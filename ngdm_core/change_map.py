@@ -56,14 +56,17 @@ def change_weights(source: torch.Tensor, edited: torch.Tensor, smoothing: float 
 @torch.no_grad()
 def change_weight_map(denoiser, source: torch.Tensor, source_cond, target_cond, sigmas: torch.Tensor,
                       smoothing: float = 1.0, threshold: float = 0.2, parametrization: str = "vp",
-                      generator: torch.Generator | None = None, progress=None) -> torch.Tensor:
+                      generator: torch.Generator | None = None, progress=None,
+                      noise: torch.Tensor | None = None) -> torch.Tensor:
     """Lambda in {0, 1}, shaped like ``source`` with one channel, from an edit-friendly edit over ``sigmas``.
 
     ``denoiser(x, sigma, cond) -> x0`` is guided as the edit will be; ``sigmas`` is the cheap
     edit's schedule (a few steps, from the level the edit starts at). It costs one model
     evaluation per step to invert and one per step to replay, ``2 * (len(sigmas) - 1)`` in all
     (twice that under classifier-free guidance). ``threshold`` is the fraction of each item's
-    largest (smoothed) change a pixel must reach.
+    largest (smoothed) change a pixel must reach. The inversion's noises come from
+    ``generator``, or are given as ``noise`` (:func:`~ngdm_core.edit_friendly.invert_edit_friendly`'s),
+    for example each item's own, so that an item's map does not depend on its batch.
     """
     require_finite_tensor("source", source)
     steps = len(sigmas) - 1
@@ -77,6 +80,6 @@ def change_weight_map(denoiser, source: torch.Tensor, source_cond, target_cond, 
             progress(steps + info["i"] + 1, 2 * steps)
 
     inversion = invert_edit_friendly(denoiser, source, sigmas, source_cond, parametrization=parametrization,
-                                     generator=generator, progress=inversion_progress)
+                                     generator=generator, progress=inversion_progress, noise=noise)
     edited = edit(denoiser, inversion, target_cond, callback=replay_progress)
     return change_weights(source, edited, smoothing, threshold)

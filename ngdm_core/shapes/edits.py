@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..change_map import change_weights
+from ..change_map import change_weight_map
 from ..denoisers import classifier_free_guidance
 from ..edit_friendly import edit, edit_per_pixel_time, first_edit_step, invert_ddim, invert_edit_friendly
 from ..ngdm import prompt_difference, sample_per_pixel_time
@@ -88,11 +88,10 @@ def map_difference(denoiser, source, source_class, target_class, settings: EditS
 
 def change_map(denoiser, source, source_class, target_class, settings: EditSettings, steps: int,
                indices=None) -> torch.Tensor:
-    """:func:`ngdm_core.change_map.change_weight_map` with each item's own draws: where an edit-friendly edit of ``steps`` steps changed the source."""
-    model = guided(denoiser, settings)
+    """:func:`ngdm_core.change_map.change_weight_map` with each item's own draws, from an edit of ``steps`` steps."""
     noise = item_noise(source, settings, CHANGE_MAP_NOISE, indices, leading=(steps + 1,))
-    inversion = invert_edit_friendly(model, source, denoiser.sigmas(steps), source_class, noise=noise)
-    return change_weights(source, edit(model, inversion, target_class))
+    return change_weight_map(guided(denoiser, settings), source, source_class, target_class, denoiser.sigmas(steps),
+                             noise=noise)
 
 
 def sdedit(denoiser, source, target_class, settings: EditSettings, strength: float, indices=None) -> torch.Tensor:
