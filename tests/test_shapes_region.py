@@ -5,7 +5,7 @@ import torch
 
 from ngdm_core.shapes import region
 from ngdm_core.shapes.data import HELD_OUT_SEED, make_batch
-from ngdm_core.shapes.edits import EditSettings, sdedit
+from ngdm_core.shapes.edits import EditSettings, sdedit, truncated_sigmas
 from ngdm_core.shapes.model import load_denoiser
 
 SETTINGS = EditSettings(steps=10, cfg=3.0)
@@ -75,7 +75,7 @@ def test_the_ratio_direction_leaks_less_than_the_unconfined_one_in_an_actual_edi
 
 def test_a_trajectory_probe_at_the_first_step_alone_is_the_first_states_function_scaled_by_its_sigma(denoiser, source):
     images, labels, masks = source
-    sigma = region.edit_sigmas(denoiser, SETTINGS, EDIT_STRENGTH)[0]
+    sigma = truncated_sigmas(denoiser, SETTINGS, EDIT_STRENGTH)[0]
     at_start = region.find_directions(denoiser, images, labels, masks, SETTINGS, EDIT_STRENGTH, k=2,
                                       confinement="none")
     # One probe stands for every step: its weight is the whole fall in sigma, from sigma to 0.

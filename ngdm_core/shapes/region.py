@@ -14,21 +14,15 @@ import torch
 from ..region_jacobian import RegionDirections, region_directions
 from ..schedule import noise_source
 from ..samplers import sample_euler
-from .edits import START_NOISE, EditSettings, dilated, guided, item_noise, sdedit
+from .edits import START_NOISE, EditSettings, dilated, guided, item_noise, sdedit, truncated_sigmas
 from .model import ShapesDenoiser
 
 PRESERVE_MARGIN = 2  # pixels the mask is dilated by before the outside is measured, as in the quality benchmark
 
 
-def edit_sigmas(denoiser: ShapesDenoiser, settings: EditSettings, strength: float) -> torch.Tensor:
-    """The sigmas :func:`.edits.sdedit` steps through at ``strength`` of the schedule, ending at 0."""
-    sigmas = denoiser.sigmas(settings.steps)
-    return sigmas[min(round((1 - strength) * settings.steps), settings.steps - 1):]
-
-
 def edit_start(denoiser: ShapesDenoiser, source: torch.Tensor, settings: EditSettings, strength: float) -> tuple:
     """``(x, sigma)``: the first state of :func:`.edits.sdedit` at ``strength`` of the schedule."""
-    sigma = edit_sigmas(denoiser, settings, strength)[0]
+    sigma = truncated_sigmas(denoiser, settings, strength)[0]
     return noise_source(source, item_noise(source, settings, START_NOISE), sigma), sigma
 
 
@@ -83,7 +77,7 @@ def trajectory_function(denoiser: ShapesDenoiser, source: torch.Tensor, label, s
     stands for, up to the next probe: an Euler step moves the image by its sigma's fall times
     eps. It leaves out how a step's change carries through the later steps.
     """
-    sigmas = edit_sigmas(denoiser, settings, strength)
+    sigmas = truncated_sigmas(denoiser, settings, strength)
     steps = sorted(set(int(step) for step in probe_steps))
     if not steps or steps[0] < 0 or steps[-1] >= len(sigmas) - 1:
         raise ValueError(f"probe_steps must be step indices from 0 to {len(sigmas) - 2}, got {list(probe_steps)}")
