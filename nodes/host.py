@@ -36,6 +36,11 @@ def host_start_sigmas(model_sampling, weights, sigmas, mapping, start_rule="firs
                         sigma_min=float(model_sampling.sigma_min), start_rule=start_rule)
 
 
+def compute_dtype(model):
+    """The dtype the U-Net computes in, as BaseModel.apply_model casts its inputs: fp16 or bf16 on most GPUs."""
+    return model.model.manual_cast_dtype or model.model.get_dtype()
+
+
 def edit_sigmas(model_sampling, steps, strength):
     """The "simple" schedule KSampler runs for ``steps`` steps at ``denoise`` = ``strength``, ending at 0."""
     if strength > 0.9999:

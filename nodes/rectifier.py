@@ -19,8 +19,8 @@ from torch import nn
 from ..ngdm_core.rectifier import (Rectifier, conv_targets, read_rectifier, rectified, require_finite_rectifier,
                                    require_fits, save_rectifier, train_edit_rectifier, train_rectifier)
 from ..ngdm_core.schedule import per_item
-from .host import (CATEGORY, model_conditioning, progress_reporter, require_conditioning, require_image_latent,
-                   show_node_text)
+from .host import (CATEGORY, compute_dtype, model_conditioning, progress_reporter, require_conditioning,
+                   require_image_latent, show_node_text)
 from .previews import loss_curve
 from .rectifier_embeddings import LatentImageEmbedding, image_embedding_width, require_one_space, text_embedding
 
@@ -69,10 +69,6 @@ def require_discrete_unet(model):
         raise ValueError(f"model: its U-Net takes {diffusion_model.in_channels} input channels for a "
                          f"{channels}-channel latent (an inpainting model); the rectifier needs a plain one")
     return model_sampling
-
-
-def compute_dtype(base_model):
-    return base_model.manual_cast_dtype or base_model.get_dtype()
 
 
 def denoised_estimate(model_sampling, x_t, output, sigma):
@@ -129,7 +125,7 @@ def trainable_unet(model, x0, conditioning):
     the modulated convs' gradients need. The copy doubles the U-Net's memory while training runs.
     """
     base_model = model.model
-    dtype = compute_dtype(base_model)
+    dtype = compute_dtype(model)
     model_sampling = model.get_model_object("model_sampling")
     conditioning = model_conditioning(model, x0[:1], conditioning)
     with torch.inference_mode(False):

@@ -12,8 +12,9 @@ from comfy_api.latest import io, ui
 from ..ngdm_core.edge_preserving import resize_to_latent
 from ..ngdm_core.region_jacobian import CONFINEMENTS, region_directions
 from ..ngdm_core.schedule import noise_source
-from .host import (CATEGORY, model_conditioning, ordered_widgets, parametrization, progress_reporter,
-                   require_conditioning, require_image_latent, show_node_text, to_image_resolution)
+from .host import (CATEGORY, compute_dtype, model_conditioning, ordered_widgets, parametrization,
+                   progress_reporter, require_conditioning, require_image_latent, show_node_text,
+                   to_image_resolution)
 
 BOTTLENECK = ("output", 0)
 RegionDirectionsType = io.Custom("REGION_DIRECTIONS")
@@ -50,11 +51,6 @@ def require_unet(model):
         raise ValueError(f"model: {type(diffusion_model).__name__} has no U-Net bottleneck. Region directions "
                          "need a U-Net model: SD1.x, SD2.x or SDXL.")
     return diffusion_model
-
-
-def compute_dtype(model):
-    """The dtype the U-Net computes in, as BaseModel.apply_model casts its inputs: fp16 or bf16 on most GPUs."""
-    return model.model.manual_cast_dtype or model.model.get_dtype()
 
 
 def model_inputs(model, x, sigma, positive):
@@ -228,9 +224,9 @@ class RegionJacobianDirection(io.ComfyNode):
             x = noise_source(x, noise, sigma, parametrization(model_sampling))
         region = latent_mask(mask, x)
         f, h = bottleneck_function(model, x, sigma, positive)
-        searches = 2 if confinement == "rank1" and r else 1
+        # The core reports the total over all its searches with every update.
         found = region_directions(f, h, region, k=k, confinement=confinement, r=r, ridge=ridge, max_iter=iterations,
-                                  seed=seed, progress=progress_reporter(iterations * searches))
+                                  seed=seed, progress=progress_reporter(iterations))
         directions = BottleneckDirections(found.vectors.float().cpu(), found.values.float().cpu(),
                                           found.leakage.float().cpu(), confinement, sigma, found.iterations,
                                           found.converged)
