@@ -131,7 +131,7 @@ def test_change_mode_maps_where_a_cheap_edit_changed_the_source(host):
     assert torch.equal(same["noise_mask"], torch.zeros_like(weights))
     assert host.progress_updates_and_cancel(
         lambda: node(host, "NGDMWeightMap", target_conditioning=host.tiny_conditioning("target"),
-                     **inputs)) == [(i, 6) for i in range(1, 7)]
+                     **inputs)) == 6
 
 
 def test_bad_input_is_refused_with_the_inputs_name(host):
@@ -162,4 +162,4 @@ def test_weight_map_reports_progress_and_honours_cancel(host):
                   source_conditioning=conditioning, target_conditioning=host.tiny_conditioning("y"),
                   negative=conditioning, seed=0, num_maps=3, encode_strength=0.5, cfg=7.5, smoothing=1.0, a=10.0,
                   b=5.0, mode="ngdm")
-    assert host.progress_updates_and_cancel(lambda: node(host, "NGDMWeightMap", **inputs)) == [(1, 2), (2, 2)]
+    assert host.progress_updates_and_cancel(lambda: node(host, "NGDMWeightMap", **inputs)) == 2

@@ -391,9 +391,11 @@ def check_kept_where_lambda_is_zero(captured, tolerance):
 
 
 def progress_updates_and_cancel(run):
-    """Run ``run()`` once recording ComfyUI progress updates, then again with cancel set; it must stop.
+    """Run ``run()`` recording ComfyUI progress updates, then again cancelling at its first update.
 
-    Returns the ``(value, total)`` updates of the first run.
+    Checks what a user sees, not the host's update cadence (0.33 throttles updates): the bar never moves
+    back, keeps one total and ends full; and once cancel is pressed the node stops within a step, so
+    no further update arrives and the run raises ComfyUI's interrupt. Returns the first run's total.
     """
     import comfy.model_management
     import comfy.utils
@@ -401,12 +403,22 @@ def progress_updates_and_cancel(run):
     comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: updates.append((value, total)))
     try:
         run()
-        recorded = list(updates)
-        comfy.model_management.interrupt_current_processing(True)
+        values, totals = zip(*updates)
+        assert list(values) == sorted(values), f"progress went back: {updates}"
+        assert len(set(totals)) == 1 and values[-1] == totals[0], f"progress did not end full: {updates}"
+        after_cancel = []
+
+        def cancel_at_first_update(value, total, preview, node_id=None):
+            if comfy.model_management.processing_interrupted():
+                after_cancel.append((value, total))
+            comfy.model_management.interrupt_current_processing(True)
+
+        comfy.utils.set_progress_bar_global_hook(cancel_at_first_update)
         try:
             run()
         except comfy.model_management.InterruptProcessingException:
-            return recorded
+            assert not after_cancel, f"the node went on after cancel: {after_cancel}"
+            return totals[0]
         raise AssertionError("the run did not stop on cancel")
     finally:
         comfy.model_management.interrupt_current_processing(False)
@@ -468,6 +480,19 @@ class _StubServer:
         pass
 
 
+def new_executor():
+    """A ``PromptExecutor`` with ComfyUI's classic cache, as ``main.py --cache-classic`` builds it.
+
+    ``main.py`` passes every cache size it knows in ``cache_args`` and the executor indexes the dict directly
+    (0.33 added ``ram_inactive``). Sizes this host does not know read as 0, which the classic cache never
+    consults, so the same call serves every version.
+    """
+    import collections
+    import execution
+    return execution.PromptExecutor(_StubServer(), cache_type=execution.CacheType.CLASSIC,
+                                    cache_args=collections.defaultdict(float))
+
+
 def run_prompt(prompt):
     """Validate and execute ``prompt`` in a fresh executor; raises with the host's error if it fails."""
     import execution
@@ -477,8 +502,7 @@ def run_prompt(prompt):
     valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
     if not valid:
         raise RuntimeError(f"invalid prompt: {error} {node_errors}")
-    executor = execution.PromptExecutor(_StubServer(), cache_type=execution.CacheType.CLASSIC,
-                                        cache_args={"lru": 0, "ram": 0})
+    executor = new_executor()
     executor.execute(prompt, prompt_id, {}, outputs)
     if not executor.success:
         errors = [data for event, data in executor.status_messages if event == "execution_error"]
