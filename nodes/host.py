@@ -78,6 +78,9 @@ def _require_latent(name, base_model, samples, frame_axis):
         if frame_axis:
             expected += " or, from a video VAE such as Qwen-Image's, (batch, channels, 1, height, width)"
         raise ValueError(f"{name}: expected an image latent of shape {expected}, got {shape}")
+    if samples.ndim == 5 and getattr(base_model.latent_format, "latent_dimensions", 2) == 2:
+        raise ValueError(f"{name} is a 5-D latent {shape}, but this model takes (batch, channels, height, width) "
+                         "latents: encode the image with this model's VAE")
     if samples.ndim == 5 and samples.shape[2] != 1:
         raise ValueError(f"{name} is a video latent of {samples.shape[2]} frames {shape}; these nodes edit single "
                          "images: pass a one-frame latent")
@@ -174,6 +177,8 @@ def require_conditioning(name, model, conditioning):
             and isinstance(entry[1], dict) for entry in conditioning):
         raise ValueError(f"{name}: expected a CONDITIONING (a list of [embedding, options] pairs), "
                          f"got {type(conditioning).__name__}")
+    if not conditioning:
+        raise ValueError(f"{name} is an empty CONDITIONING: connect a text encoder's output")
     width = cross_attention_width(model)
     for index, (embedding, options) in enumerate(conditioning):
         entry = f" (entry {index})" if len(conditioning) > 1 else ""

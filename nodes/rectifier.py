@@ -23,6 +23,7 @@ from .host import (CATEGORY, compute_dtype, model_conditioning, progress_reporte
                    require_image_latent, show_node_text)
 from .previews import loss_curve
 from .rectifier_embeddings import LatentImageEmbedding, image_embedding_width, require_one_space, text_embedding
+from .region_jacobian import require_bottleneck_size
 
 FOLDER = "rectifiers"
 # Names relative to ComfyUI's BaseModel, whose U-Net is its ``diffusion_model``: the same module
@@ -270,6 +271,7 @@ class RectifierTrain(io.ComfyNode):
         require_discrete_unet(model)
         samples = latent["samples"]
         require_image_latent("latent", model, samples)
+        require_bottleneck_size(model.model.diffusion_model, samples)
         require_conditioning("positive", model, positive)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")

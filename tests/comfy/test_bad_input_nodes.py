@@ -109,6 +109,35 @@ def test_malformed_conditioning_is_refused(host):
         run_node(host, "EditFriendlyInvert", host.tiny_model("eps"), torch.zeros(1, 77, 768), "positive")
 
 
+@pytest.mark.parametrize("node_id,input_name", CONDITIONING_INPUTS)
+def test_an_empty_conditioning_is_refused_naming_the_input(host, node_id, input_name):
+    model, calls = host.count_model_calls(host.tiny_model("eps"))
+    with pytest.raises(ValueError, match=f"^{input_name} is an empty CONDITIONING"):
+        run_node(host, node_id, model, [], input_name)
+    assert calls == []
+
+
+def test_a_5d_latent_for_a_4d_model_is_refused_naming_the_latent(host):
+    model, calls = host.count_model_calls(host.tiny_model("eps"))
+    good = host.tiny_conditioning("good")
+    with pytest.raises(ValueError, match=r"^latent is a 5-D latent \(1, 4, 1, 8, 8\), but this model takes"):
+        node("NGDMWeightMap", model=model, latent={"samples": torch.randn(1, 4, 1, 8, 8)}, source_conditioning=good,
+             target_conditioning=good, negative=good, seed=0, num_maps=2, encode_strength=0.5, cfg=2.0, smoothing=1.0,
+             a=10.0, b=5.0, mode="ngdm")
+    assert calls == []
+
+
+@pytest.mark.parametrize("size", [1, 3])
+def test_rectifier_training_refuses_a_latent_too_small_for_the_u_net(host, size):
+    """The tiny U-Net halves its input once, so it needs 4x4 latent pixels for a 2x2 bottleneck."""
+    model, calls = host.count_model_calls(host.tiny_model("eps"))
+    with pytest.raises(ValueError, match=f"^latent: {size}x{size} latent pixels is too small for this U-Net"):
+        node("RectifierTrain", model=model, latent={"samples": torch.randn(1, 4, size, size)},
+             positive=host.tiny_conditioning("good"), steps=1, learning_rate=1e-3, seed=0,
+             filename_prefix="test/never", batch_size=1)
+    assert calls == []
+
+
 def per_pixel_sampler():
     return node("PerPixelTimeSampler", sampler=sampler("euler"), mapping="ngdm")[0]
 
