@@ -24,6 +24,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "comfy"))
@@ -93,7 +94,22 @@ def step_times(run):
     return stamps[-1] - stamps[-2]
 
 
+def watch_rss(limit_gb):
+    """End this process, saying so, once its resident memory passes ``limit_gb`` (a shared machine's guard)."""
+    def watch():
+        while True:
+            with open("/proc/self/statm") as f:
+                resident = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            if resident > limit_gb * 2**30:
+                print(f"RSS passed {limit_gb} GiB: stopped", flush=True)
+                os._exit(3)
+            time.sleep(0.05)
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def child(args):
+    if args.rss_limit_gb:
+        watch_rss(args.rss_limit_gb)
     host = tiny_host.start(os.path.abspath(os.environ["COMFYUI_PATH"]))
     import comfy.model_management
     import comfy.sample
@@ -187,6 +203,7 @@ def main():
     parser.add_argument("--flux-blocks", type=int, default=2, help="double and single blocks of the Flux DiT")
     parser.add_argument("--budget-gb", type=float, default=None, help="free memory ComfyUI is told it has")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--rss-limit-gb", type=float, default=None, help="CPU: stop a node's run past this RSS")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -199,6 +216,7 @@ def main():
                  f"--flux-blocks={args.flux_blocks}"]
     forwarded += [f"--budget-gb={args.budget_gb}"] if args.budget_gb else []
     forwarded += [f"--threads={args.threads}"] if args.threads else []
+    forwarded += [f"--rss-limit-gb={args.rss_limit_gb}"] if args.rss_limit_gb else []
     print(f"image {args.image}x{args.image}, {args.dtype}, steps {args.steps}, region iterations {args.iterations}, "
           f"num_maps {args.num_maps}, budget {args.budget_gb or 'real'} GB", flush=True)
     for name in args.models:
