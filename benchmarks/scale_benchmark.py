@@ -82,13 +82,18 @@ def peak_bytes(device):
 
 
 def step_times(run):
-    """Seconds per step of ``run()``, from ComfyUI's progress hook: the last step's, after the first one's warm-up."""
+    """Seconds per step of ``run(tick)``, the last step's (after the first one's warm-up).
+
+    ``tick`` is called at each step: by ComfyUI's progress hook, or by ``run`` as a sampler callback.
+    """
     import comfy.utils
     stamps = []
-    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None:
-                                             stamps.append(time.perf_counter()))
+
+    def tick(*_):
+        stamps.append(time.perf_counter())
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: tick())
     try:
-        run()
+        run(tick)
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
     return stamps[-1] - stamps[-2]
@@ -142,7 +147,7 @@ def child(args):
         weights = torch.nn.functional.interpolate(mask[None], size=(size, size), mode="area")
         start = time.perf_counter()
         if node == "ksampler":
-            report["seconds"] = step_times(lambda: nodes.common_ksampler(
+            report["seconds"] = step_times(lambda tick: nodes.common_ksampler(
                 model, 0, args.steps, 5.0, "euler", "normal", positive, negative, {"samples": samples}))
         elif node == "per_pixel":
             # Both per-pixel nodes and the bare sampler they wrap, on the same latent and its noise_mask, in turn.
@@ -155,9 +160,9 @@ def child(args):
             times = {label: [] for label in runs}
             for _ in range(args.repeats):
                 for label, (patched, sampler) in runs.items():
-                    times[label].append(step_times(lambda: comfy.sample.sample_custom(
+                    times[label].append(step_times(lambda tick: comfy.sample.sample_custom(
                         patched, noise, 5.0, sampler, sigmas, positive, negative, samples, noise_mask=weights,
-                        disable_pbar=False)))
+                        callback=tick, disable_pbar=True)))
             report.update({f"seconds_{label}": min(values) for label, values in times.items()})
             report["seconds"] = report["seconds_bare"]
         elif node == "weight_map":
