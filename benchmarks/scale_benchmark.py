@@ -99,6 +99,14 @@ def step_times(run):
     return stamps[-1] - stamps[-2]
 
 
+def recorded_chunk_sizes(module_name):
+    """The items per call the node module ``module_name`` chooses from here on (its ``items_per_call``), as a list."""
+    module = tiny_host.pack_module(module_name)
+    sizing, chosen = module.items_per_call, []
+    module.items_per_call = lambda *args, **kwargs: chosen.append(sizing(*args, **kwargs)) or chosen[-1]
+    return chosen
+
+
 def watch_rss(limit_gb):
     """End this process, saying so, once its resident memory passes ``limit_gb`` (a shared machine's guard)."""
     def watch():
@@ -166,10 +174,7 @@ def child(args):
             report.update({f"seconds_{label}": min(values) for label, values in times.items()})
             report["seconds"] = report["seconds_bare"]
         elif node == "weight_map":
-            chosen = []
-            host_module = tiny_host.pack_module("nodes.ngdm")
-            sizing = host_module.items_per_call
-            host_module.items_per_call = lambda *a, **k: chosen.append(sizing(*a, **k)) or chosen[-1]
+            chosen = recorded_chunk_sizes("nodes.ngdm")
             pack["NGDMWeightMap"].execute(model=model, latent={"samples": samples}, source_conditioning=positive,
                                           target_conditioning=conditioning(name, "target"), negative=negative, seed=0,
                                           num_maps=args.num_maps, encode_strength=0.5, cfg=7.5, smoothing=1.0, a=10.0,
@@ -177,10 +182,7 @@ def child(args):
             report["seconds"] = time.perf_counter() - start
             report["seeds_per_call"] = chosen[0]
         elif node == "region":
-            chosen = []
-            region_module = tiny_host.pack_module("nodes.region_jacobian")
-            sizing = region_module.items_per_call
-            region_module.items_per_call = lambda *a, **k: chosen.append(sizing(*a, **k)) or chosen[-1]
+            chosen = recorded_chunk_sizes("nodes.region_jacobian")
             pack["RegionJacobianDirection"].execute(model=model, latent={"samples": samples}, positive=positive,
                                                     mask=mask, probe_percent=0.5, k=3, r=1,
                                                     iterations=args.iterations, seed=0, add_noise=True)
