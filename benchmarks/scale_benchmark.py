@@ -64,7 +64,7 @@ def build(host, name, dtype, flux_blocks):
 
 
 def conditioning(name, text):
-    """A prompt embedding as the model's text encoder shapes it, random: CLIP-L, CLIP-L+G with pooled, or T5 + pooled."""
+    """A random prompt embedding shaped as the model's text encoder makes it: CLIP-L, CLIP-L+G or T5, with pooled."""
     import torch
     generator = torch.Generator().manual_seed(sum(map(ord, text)))
     width, pooled, tokens = {"sdxl": (2048, 1280, 77), "flux": (4096, 768, 256)}.get(name, (768, 768, 77))

@@ -426,11 +426,13 @@ class RegionDirections:
 @_with_autograd
 def region_directions(f: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, mask: torch.Tensor, k: int = 3,
                       confinement: str = "ratio", r: int = 1, ridge: float = 1.0, max_iter: int = 200,
-                      tol: float = 1e-3, seed: int = 0, progress=None, max_batch: int | None = None) -> RegionDirections:
+                      tol: float = 1e-3, seed: int = 0, progress=None,
+                      max_batch: int | None = None) -> RegionDirections:
     """The top-``k`` directions of ``h`` that change the masked region, confined by ``confinement``.
 
     ``r`` is the outside rank ``"rank1"`` projects out, ``ridge`` the relative ridge of ``"ratio"``.
-    ``max_batch`` caps the vectors per pass over ``f`` (:class:`Linearisation`); the result depends on it only through float rounding.
+    ``max_batch`` caps the vectors per pass over ``f`` (:class:`Linearisation`); the result
+    depends on it only through float rounding.
     ``progress(done, total)`` is called once per iteration, over every search, and may raise to abort.
     """
     if confinement not in CONFINEMENTS:

@@ -266,7 +266,7 @@ def progress_reporter(total):
 
 
 def items_per_call(model, shape, count, least_per_item=0):
-    """How many of ``count`` items fit one call of ``model`` on latents of ``shape``; all of them unless memory is short.
+    """How many of ``count`` items fit one call of ``model`` on latents of ``shape``: all unless memory is short.
 
     Each item is taken to cost two passes' activations at ``shape`` (a seed's cond and uncond,
     which the guider evaluates together), as ComfyUI estimates them for sampling, or
