@@ -43,10 +43,16 @@ class Linearisation:
     """``f``'s JVP and VJP at a fixed ``h``, each built once and reused for every vector.
 
     Tensors that ``f`` closes over must not be inference tensors: autograd cannot save them.
+    ``max_batch`` caps how many vectors go through ``f`` at once (all of them when None): a
+    block of vectors is split into calls of at most that many, which bounds the memory the
+    products take at the cost of more passes over ``f``'s weights.
     """
 
     @_with_autograd
-    def __init__(self, f: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor):
+    def __init__(self, f: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, max_batch: int | None = None):
+        if max_batch is not None:
+            require_at_least("max_batch", max_batch, 1)
+        self.max_batch = max_batch
         self.h = h.detach().clone()  # a clone made outside inference mode is a normal tensor
         self.work_dtype = torch.promote_types(h.dtype, torch.float32)  # QR and SVD in at least float32
         # Forward mode runs f again for every batch of tangents. torch.func.linearize would reuse a
@@ -60,12 +66,12 @@ class Linearisation:
         # No graph: products only feed the iteration, and a graph would also reach f's parameters.
         with torch.inference_mode(False), torch.no_grad():
             tangents = vectors.reshape(-1, *self.h.shape).to(self.h.dtype)
-            return vmap(self._jvp)(tangents).to(self.work_dtype)
+            return vmap(self._jvp, chunk_size=self.max_batch)(tangents).to(self.work_dtype)
 
     def vjp(self, covectors: torch.Tensor) -> torch.Tensor:
         """``F^T u`` for eps-space ``covectors`` (k, *eps.shape) as (k, *h.shape[1:])."""
         with torch.inference_mode(False), torch.no_grad():
-            pulled = vmap(self._vjp)(covectors.to(self.eps.dtype))[0]
+            pulled = vmap(self._vjp, chunk_size=self.max_batch)(covectors.to(self.eps.dtype))[0]
             return pulled.reshape(len(covectors), *self.h.shape[1:]).to(self.work_dtype)
 
 
@@ -95,15 +101,19 @@ class MaskedJacobian:
         return ((1 - self.mask) * response).flatten(1).norm(dim=1) / (self.mask * response).flatten(1).norm(dim=1)
 
 
-def masked_jacobian(f: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, mask: torch.Tensor) -> MaskedJacobian:
-    """``J = d(mask * f(h))/dh`` at ``h`` (batch 1) for a mask broadcastable to ``f(h)`` with values in [0, 1]."""
+def masked_jacobian(f: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, mask: torch.Tensor,
+                    max_batch: int | None = None) -> MaskedJacobian:
+    """``J = d(mask * f(h))/dh`` at ``h`` (batch 1) for a mask broadcastable to ``f(h)`` with values in [0, 1].
+
+    ``max_batch`` is :class:`Linearisation`'s.
+    """
     require_finite_tensor("h", h)
     if h.ndim < 1 or h.shape[0] != 1:
         raise ValueError(f"h must hold one image (batch 1), got shape {tuple(h.shape)}")
     require_unit_interval("mask", mask)
     if not (mask > 0).any():
         raise ValueError("mask is empty: it selects no pixel to edit")
-    linearisation = Linearisation(f, h)
+    linearisation = Linearisation(f, h, max_batch)
     require_map_matches("mask", mask, linearisation.eps)
     return MaskedJacobian(linearisation, mask.detach().clone())
 
@@ -416,10 +426,13 @@ class RegionDirections:
 @_with_autograd
 def region_directions(f: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, mask: torch.Tensor, k: int = 3,
                       confinement: str = "ratio", r: int = 1, ridge: float = 1.0, max_iter: int = 200,
-                      tol: float = 1e-3, seed: int = 0, progress=None) -> RegionDirections:
+                      tol: float = 1e-3, seed: int = 0, progress=None,
+                      max_batch: int | None = None) -> RegionDirections:
     """The top-``k`` directions of ``h`` that change the masked region, confined by ``confinement``.
 
     ``r`` is the outside rank ``"rank1"`` projects out, ``ridge`` the relative ridge of ``"ratio"``.
+    ``max_batch`` caps the vectors per pass over ``f`` (:class:`Linearisation`); the result
+    depends on it only through float rounding.
     ``progress(done, total)`` is called once per iteration, over every search, and may raise to abort.
     """
     if confinement not in CONFINEMENTS:
@@ -428,7 +441,7 @@ def region_directions(f: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor
     require_at_least("r", r, 0)
     if (mask >= 1).all():
         raise ValueError("mask covers the whole image: nothing is left outside it to keep")
-    inside = masked_jacobian(f, h, mask)
+    inside = masked_jacobian(f, h, mask, max_batch)
     if confinement == "ratio":
         found = ratio_directions(inside.linearisation, inside.mask, k, ridge, max_iter, tol, seed, progress)
         return RegionDirections(found.vectors, found.ratios, confinement, found, None, inside.leakage(found.vectors))

@@ -270,9 +270,13 @@ def progress_reporter(total):
     return progress
 
 
-def seeds_per_call(model, shape, num_maps):
-    """How many noised copies of the latent fit one model call; all of them unless memory is short."""
+def items_per_call(model, shape, count, least_per_item=0):
+    """How many of ``count`` items fit one call of ``model`` on latents of ``shape``: all unless memory is short.
+
+    Each item is taken to cost two passes' activations at ``shape`` (a seed's cond and uncond,
+    which the guider evaluates together), as ComfyUI estimates them for sampling, or
+    ``least_per_item`` bytes where the caller knows it costs more.
+    """
     free = comfy.model_management.get_free_memory(model.load_device)
-    # The guider evaluates cond and uncond together.
-    per_seed = model.model.memory_required([2 * shape[0], *shape[1:]])
-    return max(1, min(num_maps, int(free // max(per_seed, 1))))
+    per_item = max(model.model.memory_required([2 * shape[0], *shape[1:]]), least_per_item, 1)
+    return max(1, min(count, int(free // per_item)))

@@ -13,7 +13,7 @@ from ..ngdm_core.ngdm import (MAPPINGS, START_RULES, WEIGHT_MAP_MODES, noised_so
 from ..ngdm_core.validation import require_unit_interval
 from .host import (CATEGORY, as_sampled, edit_sigmas, guided_denoiser, host_start_sigmas, parametrization,
                    progress_reporter, require_conditioning, require_pixelwise_latent, require_sampling_run,
-                   seeds_per_call, to_image_resolution)
+                   items_per_call, to_image_resolution)
 
 MASK_FUNCTION_KEY = "ngdm_per_pixel_time_mask"
 # The map from the change a cheap edit makes; a mode of the node only, since it needs a schedule.
@@ -109,7 +109,7 @@ class NGDMWeightMap(io.ComfyNode):
                                         smoothing, change_threshold, kind, torch.Generator().manual_seed(seed),
                                         progress_reporter(2 * change_steps)).cpu()
         else:
-            max_batch = seeds_per_call(model, sampled.shape, num_maps)
+            max_batch = items_per_call(model, sampled.shape, num_maps)
             map_cfg = 1.0 if cfg != 0 and not any(key in model.model_options for key in CFG_CHANGING_OPTIONS) else cfg
             weights = weight_map(guided_denoiser(model, negative, map_cfg, seed), source, source_conditioning,
                                  target_conditioning, sigma, num_maps=num_maps, seed=seed, mode=mode,

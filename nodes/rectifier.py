@@ -29,6 +29,8 @@ FOLDER = "rectifiers"
 # Names relative to ComfyUI's BaseModel, whose U-Net is its ``diffusion_model``: the same module
 # tree holds them during training (the adapter below) and sampling (the patched model).
 TARGET_BLOCKS = ("diffusion_model.middle_block", "diffusion_model.output_blocks")
+# The U-Net's modules from the first rectified block on, by parameter name prefix: the gradient runs through these.
+GRADIENT_PATH = ("middle_block.", "output_blocks.", "out.")
 WRAPPER_KEY = "ngdm_rectifier"
 LOSS_REPORTS = 20
 RectifierType = io.Custom("RECTIFIER")
@@ -120,17 +122,22 @@ class EpsUNet(nn.Module):
 
 
 def trainable_unet(model, x0, conditioning):
-    """An :class:`EpsUNet` under ``conditioning`` on a copy of the U-Net's weights, with its schedule's ``alpha_bar``.
+    """An :class:`EpsUNet` under ``conditioning`` on a copy of the U-Net, with its schedule's ``alpha_bar``.
 
     ComfyUI creates weights under inference mode, and those cannot be saved for backward, which
-    the modulated convs' gradients need. The copy doubles the U-Net's memory while training runs.
+    the modulated convs' gradients need. The gradient runs only through the rectified blocks and
+    what follows them (``GRADIENT_PATH``), so only their weights are copied; the copy's other
+    modules compute with the model's own weights (views, frozen) and record no graph.
     """
     base_model = model.model
     dtype = compute_dtype(model)
     model_sampling = model.get_model_object("model_sampling")
     conditioning = model_conditioning(model, x0[:1], conditioning)
     with torch.inference_mode(False):
-        diffusion_model = copy.deepcopy(base_model.diffusion_model)
+        shared = {id(tensor): nn.Parameter(tensor.detach(), requires_grad=False)
+                  for name, tensor in base_model.diffusion_model.named_parameters()
+                  if not name.startswith(GRADIENT_PATH)}
+        diffusion_model = copy.deepcopy(base_model.diffusion_model, shared)
         conditioning = {name: value.clone().to(dtype) for name, value in conditioning.items() if torch.is_tensor(value)}
     sigmas = model_sampling.sigmas.to(x0.device, torch.float32)
     return EpsUNet(diffusion_model, conditioning, dtype, noise_from_output(model_sampling)), 1 / (1 + sigmas**2)

@@ -3,6 +3,7 @@
 import itertools
 from dataclasses import dataclass
 
+import comfy.ldm.modules.attention
 import comfy.ldm.modules.diffusionmodules.openaimodel
 import comfy.model_management
 import comfy.sampler_helpers
@@ -10,13 +11,20 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..ngdm_core.edge_preserving import resize_to_latent
-from ..ngdm_core.region_jacobian import CONFINEMENTS, region_directions
+from ..ngdm_core.region_jacobian import CONFINEMENTS, GUARD_VECTORS, region_directions
 from ..ngdm_core.schedule import noise_source
-from .host import (CATEGORY, compute_dtype, model_conditioning, ordered_widgets, parametrization,
+from .host import (CATEGORY, compute_dtype, items_per_call, model_conditioning, ordered_widgets, parametrization,
                    progress_reporter, require_conditioning, require_image_latent, show_node_text,
                    to_image_resolution)
 
 BOTTLENECK = ("output", 0)
+# The U-Net's modules that run after its bottleneck, by parameter name prefix.
+AFTER_BOTTLENECK = ("output_blocks.", "out.")
+# Float32 copies of its largest attention score matrix that one Jacobian product holds at once: a JVP
+# through the softmax carries the scores, the probabilities, their tangents and the temporaries of the
+# softmax's derivative. Measured on CPU (SD1.5's layout at width 64): 0.2 GB per product at a 32x32
+# latent and 3.1 GB at 64x64, against 32 MB and 512 MB for one score matrix (8 heads, float32).
+SCORE_COPIES_PER_PRODUCT = 6
 RegionDirectionsType = io.Custom("REGION_DIRECTIONS")
 
 
@@ -103,20 +111,36 @@ def require_bottleneck_size(diffusion_model, samples):
                          f"which halves it {downsamples} times; it needs at least {least}x{least}")
 
 
+def jacobian_weights(diffusion_model):
+    """The U-Net's weights and buffers by name for the Jacobian's calls, detached.
+
+    Those after the bottleneck must be ones autograd can save for backward: each that is an
+    inference tensor is cloned. The others are the model's own tensors.
+    """
+    def after_bottleneck(tensor):
+        return tensor.clone() if tensor.is_inference() else tensor
+
+    return {name: after_bottleneck(tensor.detach()) if name.startswith(AFTER_BOTTLENECK) else tensor.detach()
+            for name, tensor in itertools.chain(diffusion_model.named_parameters(), diffusion_model.named_buffers())}
+
+
 def bottleneck_function(model, x, sigma, positive):
     """``(f, h)``: the U-Net's output as a function of its bottleneck, and the bottleneck at ``x``.
 
-    The U-Net runs on clones of its weights: weights loaded under ComfyUI's inference mode
-    cannot be saved for backward, which the Jacobian's reverse-mode products need. Inputs are
-    in the U-Net's compute dtype, and the ControlNets on ``positive`` add their residuals.
+    Only the blocks after the bottleneck (the output blocks and the final layer) see ``h``, so
+    only their weights must be ones autograd can save for backward, which the Jacobian's
+    reverse-mode products need: those loaded under ComfyUI's inference mode are cloned, the
+    others are left as they are. Everything before the bottleneck (time embedding, input
+    blocks, middle block) depends only on ``x`` and runs on the model's own weights with no
+    gradient recorded. Inputs are in the U-Net's compute dtype, and the ControlNets on
+    ``positive`` add their residuals.
     """
     diffusion_model = require_unet(model)
     inputs, timestep, extra = model_inputs(model, x, sigma, positive)
     control = controlnet_residuals(model, x, sigma, positive, extra)
     context = extra.pop("c_crossattn", None)
     with torch.inference_mode(False):
-        weights = {name: tensor.clone() for name, tensor in
-                   itertools.chain(diffusion_model.named_parameters(), diffusion_model.named_buffers())}
+        weights = jacobian_weights(diffusion_model)
         arguments = [tensor.clone() for tensor in (inputs, timestep)]
         keywords = {name: value.clone() if torch.is_tensor(value) else value for name, value in extra.items()}
         context = None if context is None else context.clone()
@@ -144,6 +168,31 @@ def bottleneck_function(model, x, sigma, positive):
                    (h if transformer_options.get("block") == BOTTLENECK else current, hsp))
 
     return f, captured["h"]
+
+
+def product_memory(diffusion_model, f, h):
+    """Bytes one Jacobian product of ``f`` at ``h`` takes: its largest attention score matrix, times the copies held.
+
+    The products materialise each attention's whole score matrix (heads x query x key tokens),
+    whatever chunking the host's attention does for plain inference; this dominates their memory.
+    """
+    sizes = [0]
+
+    def record(module, args, kwargs):
+        x = args[0]
+        context = args[1] if len(args) > 1 else kwargs.get("context")
+        sizes.append(module.heads * x.shape[-2] * (x if context is None else context).shape[-2])
+
+    layers = [module for module in diffusion_model.modules()
+              if isinstance(module, comfy.ldm.modules.attention.CrossAttention)]
+    hooks = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in layers]
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            f(h)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return SCORE_COPIES_PER_PRODUCT * max(sizes) * torch.finfo(torch.float32).bits // 8
 
 
 def latent_mask(mask, latent):
@@ -224,9 +273,12 @@ class RegionJacobianDirection(io.ComfyNode):
             x = noise_source(x, noise, sigma, parametrization(model_sampling))
         region = latent_mask(mask, x)
         f, h = bottleneck_function(model, x, sigma, positive)
+        # The largest block of products: the ratio search's VJP of its k + guard vectors, inside and outside.
+        max_batch = items_per_call(model, x.shape, 2 * (k + GUARD_VECTORS),
+                                   least_per_item=product_memory(diffusion_model, f, h))
         # The core reports the total over all its searches with every update.
         found = region_directions(f, h, region, k=k, confinement=confinement, r=r, ridge=ridge, max_iter=iterations,
-                                  seed=seed, progress=progress_reporter(iterations))
+                                  seed=seed, progress=progress_reporter(iterations), max_batch=max_batch)
         directions = BottleneckDirections(found.vectors.float().cpu(), found.values.float().cpu(),
                                           found.leakage.float().cpu(), confinement, sigma, found.iterations,
                                           found.converged)

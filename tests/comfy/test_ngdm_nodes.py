@@ -94,6 +94,30 @@ def test_weight_map_batches_all_seeds_and_leaves_conditioning_untouched(host):
     assert target[0][1]["control"] is control
 
 
+def test_weight_map_splits_its_seeds_to_fit_the_free_memory_and_gives_the_same_map(host, monkeypatch):
+    """Told that only 3.5 seeds' activations fit (a small card), the node runs 3 seeds per call, 4 calls a prompt.
+
+    The chunks evaluate the same noised latents in smaller batches, so the map differs by float
+    rounding only: about 1e-6 relative in the predictions, times at most a = 10 through the
+    sigmoid of the normalised difference, well under 1e-4.
+    """
+    import comfy.model_management
+    model, batch_sizes = host.count_model_calls(host.tiny_model("eps"))
+    latent = {"samples": torch.randn(1, 4, host.LATENT_SIZE, host.LATENT_SIZE, generator=torch.manual_seed(0))}
+    inputs = dict(model=model, latent=latent, source_conditioning=host.tiny_conditioning("source"),
+                  target_conditioning=host.tiny_conditioning("target"), negative=host.tiny_conditioning("negative"),
+                  seed=0, num_maps=10, encode_strength=0.5, cfg=7.5, smoothing=1.0, a=10.0, b=5.0, mode="ngdm")
+    whole, _ = node(host, "NGDMWeightMap", **inputs)
+    assert batch_sizes == [10, 10]
+    budget = 3.5 * model.model.memory_required([2, 4, host.LATENT_SIZE, host.LATENT_SIZE])
+    monkeypatch.setattr(comfy.model_management, "get_free_memory",
+                        lambda device=None, torch_free_too=False: (budget, budget) if torch_free_too else budget)
+    batch_sizes.clear()
+    chunked, _ = node(host, "NGDMWeightMap", **inputs)
+    assert batch_sizes == [3] * 6 + [1] * 2
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-4)
+
+
 def test_the_map_from_the_conditional_predictions_alone_equals_the_guided_one_for_half_the_rows(host):
     def post_cfg_identity(args):
         return args["denoised"]

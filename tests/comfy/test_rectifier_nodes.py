@@ -97,6 +97,11 @@ def test_training_lowers_the_noise_fitting_loss_and_saves_a_loadable_file(host, 
         unet, alpha_bar = host.pack_module("nodes.rectifier").trainable_unet(model, x0, host.tiny_conditioning(""))
     for name, value in model.model.state_dict().items():
         assert torch.equal(value, before[name]), name
+    # Only the rectified blocks and what follows them are copied; the rest computes with the model's own storage.
+    gradient_path = host.pack_module("nodes.rectifier").GRADIENT_PATH
+    originals = dict(model.model.diffusion_model.named_parameters())
+    for name, tensor in unet.diffusion_model.named_parameters():
+        assert (tensor.data_ptr() == originals[name].data_ptr()) != name.startswith(gradient_path), name
     t = torch.linspace(100, 900, 8).long()
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
