@@ -11,8 +11,8 @@ import torch
 
 from ngdm_core.shapes import demo, demo_edit
 from ngdm_core.shapes.data import CLASSES, HELD_OUT_SEED, TRAINING_SEED, make_batch
-from ngdm_core.shapes.edits import (EditSettings, dilated, edit_friendly, ground_truth_edit, invert, iou, per_pixel_time,
-                                    psnr, sdedit, ssim)
+from ngdm_core.shapes.edits import (EditSettings, change_map, dilated, edit_friendly, ground_truth_edit, invert, iou,
+                                    map_difference, per_pixel_time, psnr, sdedit, ssim)
 from ngdm_core.shapes.model import load_classifier, load_denoiser
 
 
@@ -116,8 +116,8 @@ def test_the_ground_truth_edit_differs_from_the_source_only_on_the_union_of_both
     assert changed.flatten(1).any(1).all()
 
 
-def test_an_items_edit_does_not_depend_on_its_batch():
-    # Every draw is seeded by the item's index, so item 3 edited alone is item 3 of a batch of 5.
+def test_an_items_edits_and_maps_do_not_depend_on_its_batch():
+    # Every draw is seeded by the item's index, so item 3 edited (or mapped) alone is item 3 of a batch of 5.
     denoiser, settings = load_denoiser(), EditSettings(steps=4)
     batch = make_batch(2, 5)
     target = (batch.labels + 1) % len(CLASSES)
@@ -131,6 +131,15 @@ def test_an_items_edit_does_not_depend_on_its_batch():
                 for images, labels, targets, indices in ((batch.images, batch.labels, target, None),
                                                          (batch.images[3:4], batch.labels[3:4], target[3:4], [3]))]
     assert torch.allclose(replayed[0][3:4], replayed[1], atol=1e-5)
+    alone = dict(source=batch.images[3:4], source_class=batch.labels[3:4], target_class=target[3:4], indices=[3])
+    for conditional_only in (False, True):
+        assert torch.allclose(map_difference(denoiser, batch.images, batch.labels, target, settings,
+                                             conditional_only=conditional_only)[3:4],
+                              map_difference(denoiser, settings=settings, conditional_only=conditional_only, **alone),
+                              atol=1e-5)
+    # Binary: a pixel could flip only where its change sits within rounding of the threshold.
+    assert torch.equal(change_map(denoiser, batch.images, batch.labels, target, settings, 4)[3:4],
+                       change_map(denoiser, settings=settings, steps=4, **alone))
 
 
 def test_the_shapes_models_conversions_are_comfyuis_model_sampling_discrete():
