@@ -1,6 +1,6 @@
 """Region Jacobian directions on the shipped shapes model: leakage of actual edits per confinement, equal change inside.
 
-    flock /tmp/cpu-heavy.lock python benchmarks/region_quality_benchmark.py   # 20 sources, about 8 minutes on 1 thread
+    flock /tmp/cpu-heavy.lock python benchmarks/region_quality_benchmark.py   # 20 sources: 725 s on 1 thread
 
 Each of the quality benchmark's held-out sources (data seed 2) is edited along the top direction
 of its ground-truth object mask: an SDEdit under its own class from half the schedule (10 of 20

@@ -59,7 +59,8 @@ class NGDMWeightMap(io.ComfyNode):
                                        "calls, the same map); a model with a CFG patch is guided in full. In change "
                                        "mode, the guidance of the cheap edit."),
                 io.Float.Input("smoothing", default=1.0, min=0.0, max=16.0, step=0.1,
-                               tooltip="Gaussian blur of the difference map, in latent pixels (ngdm mode only)."),
+                               tooltip="Gaussian blur of the difference map (ngdm mode) or of the cheap edit's change (change "
+                                       "mode), in latent pixels; diffedit mode does not use it."),
                 io.Float.Input("a", default=10.0, min=0.01, max=100.0, step=0.1,
                                tooltip="Sigmoid gain a in Lambda = sigmoid(a*A - b), A the normalised difference map. "
                                        "Larger a edits more (ngdm mode only)."),

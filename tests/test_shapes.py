@@ -11,8 +11,8 @@ import torch
 
 from ngdm_core.shapes import demo, demo_edit
 from ngdm_core.shapes.data import CLASSES, HELD_OUT_SEED, TRAINING_SEED, make_batch
-from ngdm_core.shapes.edits import (EditSettings, dilated, edit_friendly, ground_truth_edit, invert, iou, per_pixel_time,
-                                    psnr, sdedit, ssim)
+from ngdm_core.shapes.edits import (EditSettings, change_map, dilated, edit_friendly, ground_truth_edit, invert, iou,
+                                    map_difference, per_pixel_time, psnr, sdedit, ssim)
 from ngdm_core.shapes.model import load_classifier, load_denoiser
 
 
@@ -124,9 +124,9 @@ def float64_denoiser():
     return denoiser
 
 
-def test_an_items_edit_does_not_depend_on_its_batch():
-    # Every draw is seeded by the item's index, so item 3 edited alone is item 3 of a batch of 5. A wrong
-    # draw moves pixels by O(0.1). What batching may change is rounding: the CPU's kernels differ by batch
+def test_an_items_edits_and_maps_do_not_depend_on_its_batch():
+    # Every draw is seeded by the item's index, so item 3 edited (or mapped) alone is item 3 of a batch of 5. A
+    # wrong draw moves pixels by O(0.1). What batching may change is rounding: the CPU's kernels differ by batch
     # size, and the edit-friendly replay amplifies that (x0 = x - sigma * eps with sigma up to 157, four
     # steps of about twenty layers); in float32 it reached 1.4e-5 on one machine, about 250 units of
     # float32 rounding. In float64 the same amplification gives about 3e-14, so 1e-9 leaves a margin of
@@ -149,6 +149,15 @@ def test_an_items_edit_does_not_depend_on_its_batch():
     wrong_draws = edit_friendly(denoiser, invert(denoiser, images[3:4], batch.labels[3:4], settings, 0.25, [2]),
                                 target[3:4], settings)
     assert (wrong_draws - replayed[1]).abs().max() > 1e-2
+    alone = dict(source=images[3:4], source_class=batch.labels[3:4], target_class=target[3:4], indices=[3])
+    for conditional_only in (False, True):
+        assert torch.allclose(map_difference(denoiser, images, batch.labels, target, settings,
+                                             conditional_only=conditional_only)[3:4],
+                              map_difference(denoiser, settings=settings, conditional_only=conditional_only, **alone),
+                              rtol=0, atol=1e-9)
+    # Binary: a pixel could flip only where its change sits within rounding (1e-14 here) of the threshold.
+    assert torch.equal(change_map(denoiser, images, batch.labels, target, settings, 4)[3:4],
+                       change_map(denoiser, settings=settings, steps=4, **alone))
 
 
 def test_the_shapes_models_conversions_are_comfyuis_model_sampling_discrete():

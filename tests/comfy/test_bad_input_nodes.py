@@ -43,13 +43,16 @@ def run_node(host, node_id, model, conditioning, input_name):
         "RectifierTrain": dict(latent=latent, positive=good, steps=1, learning_rate=1e-3, seed=0,
                                filename_prefix="test/never", batch_size=1),
     }[node_id]
+    if input_name == "target":  # RectifierTrain's edit mode, with everything else it needs connected
+        inputs = {**inputs, "mode": "edit", "clip": host.tiny_clip(), "clip_vision": host.tiny_clip_vision(),
+                  "vae": host.tiny_vae()}
     return node(node_id, model=model, **{**inputs, input_name: conditioning})
 
 
 CONDITIONING_INPUTS = [("NGDMWeightMap", "source_conditioning"), ("NGDMWeightMap", "target_conditioning"),
                        ("NGDMWeightMap", "negative"), ("EditFriendlyInvert", "positive"),
                        ("EditFriendlyInvert", "negative"), ("RegionJacobianDirection", "positive"),
-                       ("RectifierTrain", "positive")]
+                       ("RectifierTrain", "positive"), ("RectifierTrain", "target")]
 
 
 def spoiled(host, part, value):

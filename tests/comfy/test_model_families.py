@@ -21,11 +21,11 @@ def schedule(model, steps=STEPS):
     return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", steps).cpu()
 
 
-def weight_map(host, model, samples, mode="diffedit"):
-    return node("NGDMWeightMap", model=model, latent={"samples": samples},
-                source_conditioning=host.dit_conditioning("source"), target_conditioning=host.dit_conditioning("target"),
-                negative=host.dit_conditioning("negative"), seed=0, num_maps=2, encode_strength=0.5, cfg=2.0,
-                smoothing=1.0, a=10.0, b=5.0, mode=mode)
+def weight_map(host, model, samples, mode="diffedit", text=None):
+    text = text or host.dit_conditioning
+    return node("NGDMWeightMap", model=model, latent={"samples": samples}, source_conditioning=text("source"),
+                target_conditioning=text("target"), negative=text("negative"), seed=0, num_maps=2, encode_strength=0.5,
+                cfg=2.0, smoothing=1.0, a=10.0, b=5.0, mode=mode)
 
 
 def sample(host, model, sampler, latent, sigmas, noise=None, cfg=2.0, positive="target"):
@@ -117,23 +117,44 @@ def test_ngdm_over_the_inversion_keeps_the_source_exactly_where_lambda_is_zero(h
     assert (output - samples)[~kept].abs().mean().item() > 1e-3
 
 
-@pytest.mark.parametrize("family,factor", [("flux", 8), ("qwen_image", 8), ("flux2", 16)])
-def test_masks_come_at_the_vaes_own_resolution(host, family, factor):
-    model = host.tiny_dit(family)
-    mask, latent = weight_map(host, model, host.tiny_latent(model), mode="ngdm")
+def comfyui_vae(family):
+    """The VAE ComfyUI's loader builds for ``family``'s VAE checkpoint, on the meta device (no weights).
+
+    ``comfy.sd.VAE`` recognises a checkpoint by its keys and their shapes; these are the ones it
+    reads for SD1.x's VAE, Flux's (16 channels), Flux 2's (32 channels and a batch-norm on the
+    patchified latent) and Wan 2.1's, which Qwen-Image uses.
+    """
+    import comfy.sd
+
+    def meta(*shape):
+        return torch.empty(*shape, device="meta")
+
+    four_levels = {"encoder.down.2.downsample.conv.weight": meta(512, 512, 3, 3)}
+    keys = {
+        "sd15": {"decoder.conv_in.weight": meta(512, 4, 3, 3), **four_levels},
+        "flux": {"decoder.conv_in.weight": meta(512, 16, 3, 3), **four_levels},
+        "flux2": {"decoder.conv_in.weight": meta(512, 32, 3, 3), "bn.running_mean": meta(128), **four_levels},
+        "qwen_image": {"decoder.middle.0.residual.0.gamma": meta(384, 1, 1, 1), "decoder.head.0.gamma": meta(96, 1, 1, 1),
+                       "decoder.head.2.weight": meta(3, 96, 3, 3, 3), "encoder.conv1.weight": meta(96, 3, 3, 3, 3)},
+    }[family]
+    with torch.device("meta"):
+        return comfy.sd.VAE(sd=keys)
+
+
+@pytest.mark.parametrize("family", ["sd15", "flux", "qwen_image", "flux2"])
+def test_masks_come_at_the_resolution_of_the_vae_comfyui_builds(host, family):
+    if family == "sd15":
+        model, text = host.tiny_model("eps"), host.tiny_conditioning
+    else:
+        model, text = host.tiny_dit(family), host.dit_conditioning
+    vae = comfyui_vae(family)
+    # The family's own VAE: it encodes the latent channels the model samples.
+    assert vae.latent_channels == model.model.latent_format.latent_channels
+    factor = vae.spacial_compression_encode()
+    mask, latent = weight_map(host, model, host.tiny_latent(model), mode="ngdm", text=text)
     assert mask.shape == (1, factor * host.LATENT_SIZE, factor * host.LATENT_SIZE)
     # Each latent pixel is a block of the VAE's factor, so setting the MASK on the latent gives Lambda back.
     assert torch.equal(mask[:, ::factor, ::factor], latent["noise_mask"].reshape(mask[:, ::factor, ::factor].shape))
-
-
-def test_sd_masks_stay_8x(host):
-    model = host.tiny_model("eps")
-    conditioning = host.tiny_conditioning("p")
-    mask, _ = node("NGDMWeightMap", model=model, latent={"samples": torch.randn(1, 4, 8, 8)},
-                   source_conditioning=conditioning, target_conditioning=host.tiny_conditioning("q"),
-                   negative=conditioning, seed=0, num_maps=1, encode_strength=0.5, cfg=2.0, smoothing=1.0, a=10.0,
-                   b=5.0, mode="ngdm")
-    assert mask.shape == (1, 64, 64)
 
 
 def test_edge_preserving_noise_keeps_a_5d_latents_shape_and_random_noise_where_flat(host):
@@ -198,3 +219,35 @@ def test_u_net_only_nodes_refuse_5d_latents_clearly(host):
     with pytest.raises(ValueError, match=expected):
         node("RectifierTrain", model=model, latent=latent, positive=host.tiny_conditioning(""), steps=1,
              learning_rate=1e-3, seed=0, filename_prefix="test/never", batch_size=1)
+    with pytest.raises(ValueError, match=expected):
+        node("RectifierApply", model=model, rectifier=untrained_rectifier(host, model), latent=latent)
+
+
+def untrained_rectifier(host, model):
+    core = host.pack_module("ngdm_core.rectifier")
+    return core.Rectifier.for_model(model.model, core.conv_targets(
+        model.model, host.pack_module("nodes.rectifier").TARGET_BLOCKS), 4)
+
+
+@pytest.mark.parametrize("family", ["flux", "flux2", "qwen_image"])
+def test_u_net_only_nodes_refuse_dit_models_naming_the_model(host, family):
+    """Region directions need a U-Net bottleneck, the rectifier DDPM's maths on a U-Net: both refuse every DiT."""
+    model = host.tiny_dit(family)
+    latent = {"samples": host.tiny_latent(model)}
+    unet = host.tiny_model("eps")
+    directions, _ = node("RegionJacobianDirection", model=unet, latent={"samples": torch.randn(1, 4, 8, 8)},
+                         positive=host.tiny_conditioning("p"), mask=torch.ones(1, 64, 64).tril(), probe_percent=0.5,
+                         k=1, r=1, iterations=2, seed=0, add_noise=True)
+    no_bottleneck = r"^model: \w+ has no U-Net bottleneck"
+    with pytest.raises(ValueError, match=no_bottleneck):
+        node("RegionJacobianDirection", model=model, latent=latent, positive=host.dit_conditioning("p"),
+             mask=torch.ones(1, 64, 64).tril(), probe_percent=0.5, k=1, r=1, iterations=2, seed=0, add_noise=True)
+    with pytest.raises(ValueError, match=no_bottleneck):
+        node("ApplyRegionDirection", model=model, directions=directions, index=0, strength=1.0, start_percent=0.0,
+             end_percent=1.0)
+    not_ddpm = r"^model: the rectifier supports U-Net models that predict noise \(EPS\) or v"
+    with pytest.raises(ValueError, match=not_ddpm):
+        node("RectifierTrain", model=model, latent=latent, positive=host.dit_conditioning(""), steps=1,
+             learning_rate=1e-3, seed=0, filename_prefix="test/never", batch_size=1)
+    with pytest.raises(ValueError, match=not_ddpm):
+        node("RectifierApply", model=model, rectifier=untrained_rectifier(host, unet), latent=latent)

@@ -22,31 +22,58 @@ def find(host, model, mask, **overrides):
     return node("RegionJacobianDirection", **{**inputs, **overrides})
 
 
-def test_directions_are_found_under_inference_mode_and_edit_the_masked_region_most(host):
+def leakage(change, size):
+    """Mean change outside the quarter mask over the mean change inside it (per latent pixel, channels averaged)."""
+    change = change.abs().mean(dim=1)[0]
+    inside = torch.zeros(size, size, dtype=torch.bool)
+    inside[:size // 2, :size // 2] = True
+    return (change[~inside].mean() / change[inside].mean()).item()
+
+
+def test_the_ratio_directions_leak_less_than_unconfined_ones_at_the_probe_and_after_sampling(host):
+    import comfy.sample
     import comfy.samplers
+    euler = comfy.samplers.sampler_object("euler")
+    at_probe, sampled = {}, {}
     with torch.inference_mode():
         # Weights made under inference mode, as a checkpoint loader leaves them.
         model = host.tiny_model("eps")
-        directions, preview = find(host, model, quarter_mask(SIZE))
-        assert directions.vectors.shape == (3, 64, SIZE // 2, SIZE // 2)
-        assert torch.allclose(directions.vectors.flatten(1).norm(dim=1), torch.ones(3), atol=1e-5)
-        assert not directions.vectors.requires_grad and directions.vectors.grad_fn is None
-        assert all(parameter.grad is None for parameter in model.model.parameters())
-        assert preview.shape == (3, 8 * SIZE, 8 * SIZE) and preview.max() == 1.0
-        outputs = {}
-        for strength in (0.0, 30.0):
-            (patched,) = node("ApplyRegionDirection", model=model, directions=directions, index=0, strength=strength,
+        # The probe state, given to the node as already noisy, so that one Euler step from its sigma to 0 returns
+        # the model's prediction there, through ComfyUI's own sampling path and ApplyRegionDirection's patch.
+        sigma = float(model.get_model_object("model_sampling").percent_to_sigma(0.5))
+        generator = torch.Generator().manual_seed(0)
+        clean = model.model.process_latent_in(torch.randn(1, 4, SIZE, SIZE, generator=generator))
+        state = model.model.process_latent_out(clean + sigma * torch.randn(clean.shape, generator=generator))
+
+        def predict(patched):
+            return comfy.sample.sample_custom(patched, torch.zeros_like(state), 1.0, euler, torch.tensor([sigma, 0.0]),
+                                              host.tiny_conditioning("p"), host.tiny_conditioning("n"), state,
+                                              disable_pbar=True, seed=0)
+
+        plain_prediction = predict(model)
+        plain_sample = host.sample_with_weights(model, euler, None, steps=10, size=SIZE)[-1]
+        for confinement in ("ratio", "none"):
+            directions, preview = find(host, model, quarter_mask(SIZE), latent={"samples": state}, add_noise=False,
+                                       confinement=confinement)
+            assert directions.vectors.shape == (3, 64, SIZE // 2, SIZE // 2)
+            assert torch.allclose(directions.vectors.flatten(1).norm(dim=1), torch.ones(3), atol=1e-5)
+            assert not directions.vectors.requires_grad and directions.vectors.grad_fn is None
+            assert all(parameter.grad is None for parameter in model.model.parameters())
+            assert preview.shape == (3, 8 * SIZE, 8 * SIZE) and preview.max() == 1.0
+            (patched,) = node("ApplyRegionDirection", model=model, directions=directions, index=0, strength=30.0,
                               start_percent=0.0, end_percent=1.0)
-            outputs[strength] = host.sample_with_weights(patched, comfy.samplers.sampler_object("euler"), None,
-                                                         steps=10, size=SIZE)[-1]
-    change = (outputs[30.0] - outputs[0.0]).abs().mean(dim=1)[0]
-    inside = torch.zeros(SIZE, SIZE, dtype=torch.bool)
-    inside[:SIZE // 2, :SIZE // 2] = True
-    ratio = (change[inside].mean() / change[~inside].mean()).item()
-    print(f"mean change inside / outside the mask: {ratio:.2f}")
-    # Measured 1.85 with the default ratio confinement on this random-weight model (1.57 with rank1): its
-    # bottleneck mixes widely.
-    assert ratio > 1.3
+            at_probe[confinement] = leakage(predict(patched) - plain_prediction, SIZE)
+            sampled[confinement] = leakage(host.sample_with_weights(patched, euler, None, steps=10, size=SIZE)[-1]
+                                           - plain_sample, SIZE)
+    print(f"change outside / inside the mask, ratio against none: one model call at the probe "
+          f"{at_probe['ratio']:.3f} against {at_probe['none']:.3f}; a 10-step run from pure noise "
+          f"{sampled['ratio']:.3f} against {sampled['none']:.3f}")
+    # The confinement ranks directions by their leakage in one model call at the probe state: there losing it (the
+    # unconfined direction) must show clearly. Through a whole run, each later call of this random-weight U-Net
+    # spreads the change over the image, so there both leak more and the gap narrows; the edit still lands
+    # mostly inside the mask.
+    assert at_probe["ratio"] <= 0.7 * at_probe["none"]
+    assert sampled["ratio"] < min(1.0, sampled["none"])
 
 
 def test_the_example_workflow_runs_under_the_executor(host):
