@@ -243,7 +243,8 @@ class Rectifier(nn.Module):
 
 @contextlib.contextmanager
 def _frozen(model: nn.Module):
-    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    # An inference tensor's flag cannot be set back outside inference mode; it never joins a graph anyway.
+    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters() if not parameter.is_inference()]
     try:
         for parameter, _ in flags:
             parameter.requires_grad_(False)
@@ -360,6 +361,21 @@ def _require_trainable(name: str, module: nn.Module) -> None:
         raise ValueError(f"{name} was created under torch.inference_mode; build it outside inference mode to train")
 
 
+def _model_losses(losses: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+    """``losses``, with the model's inference-mode weights on the gradient's path named as the input at fault.
+
+    The model may hold inference tensors where no gradient passes (a host's frozen encoder, shared
+    rather than copied), so they are refused only when an operation must save one for backward.
+    """
+    try:
+        yield from losses
+    except RuntimeError as error:
+        if "Inference tensors cannot be saved for backward" not in str(error):
+            raise
+        raise ValueError("model has weights created under torch.inference_mode where the rectifier's gradient "
+                         "passes; build those outside inference mode to train") from error
+
+
 def _require_finite_training(what: str, tensors: list[torch.Tensor], step: int, steps: int, lr: float) -> None:
     """Stop at the first non-finite loss or weight, naming its likely cause.
 
@@ -382,7 +398,7 @@ def _fit(rectifier: Rectifier, losses: Iterator[torch.Tensor], steps: int, lr: f
     parameters = list(rectifier.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
     history = []
-    for step, loss in zip(range(1, steps + 1), losses):
+    for step, loss in zip(range(1, steps + 1), _model_losses(losses)):
         _require_finite_training("the training loss", [loss.detach()], step, steps, lr)
         optimizer.zero_grad(set_to_none=True)
         # Gradients go to the rectifier's parameters only: nothing accumulates in the base model
@@ -419,7 +435,6 @@ def train_rectifier(model: nn.Module, rectifier: Rectifier, data, steps: int, lr
     require_positive("lr", lr)
     alpha_bar = ddpm_alpha_bar() if alpha_bar is None else alpha_bar
     _require_trainable("rectifier", rectifier)
-    _require_trainable("model", model)
     with torch.inference_mode(False), torch.enable_grad():
         if isinstance(data, torch.Tensor):
             require_finite_tensor("data", data)
@@ -482,7 +497,6 @@ def train_edit_rectifier(model: nn.Module, rectifier: Rectifier, sources: torch.
         require_non_negative(name, weight)
     alpha_bar = ddpm_alpha_bar() if alpha_bar is None else alpha_bar
     _require_trainable("rectifier", rectifier)
-    _require_trainable("model", model)
     with torch.inference_mode(False), torch.enable_grad():
         require_finite_tensor("sources", sources)
         direction = _per_source_direction(direction, sources)

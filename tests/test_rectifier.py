@@ -294,6 +294,13 @@ def test_a_rectifier_built_under_inference_mode_is_refused_for_training():
         train_rectifier(model, rectifier, blob_images(4, seed=3), steps=1)
 
 
+def test_a_model_built_under_inference_mode_is_refused_where_the_gradient_needs_its_weights():
+    with torch.inference_mode():
+        model = make_model()
+    with pytest.raises(ValueError, match="^model has weights created under torch.inference_mode where the rectifier"):
+        train_rectifier(model, make_rectifier(make_model()), blob_images(4, seed=3), steps=1)
+
+
 # --- editing ------------------------------------------------------------------------------------
 
 
