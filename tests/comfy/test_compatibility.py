@@ -26,8 +26,9 @@ from test_model_families import half_lambda, node, sample, schedule
 TABLE = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "results", "compatibility.md")
 SIZE = 16  # latent pixels: the tiny U-Net's bottleneck is 8x8, as the region directions need
 # The families this test builds: the tiny model and, for an instruction model, the reference it reads.
-FAMILIES = {"SD1.5": "sd15", "Flux.1": "flux_dev", "Flux 2": "flux2", "Qwen-Image": "qwen_image",
-            "Qwen-Image-Edit": "qwen_image", "Kontext": "flux_dev"}
+FAMILIES = {"SD1.5": "sd15", "SDXL": "sdxl", "SD3": "sd3", "Flux.1": "flux_dev", "Flux 2": "flux2",
+            "Qwen-Image": "qwen_image", "Qwen-Image-Edit": "qwen_image", "Kontext": "flux_dev"}
+UNETS = {"SD1.5", "SDXL"}
 REFERENCE_LATENT = {"Qwen-Image-Edit", "Kontext"}
 FLUX_GUIDANCE = {"Flux.1": 3.5, "Kontext": 2.5}
 
@@ -45,13 +46,14 @@ class Family:
     def __init__(self, host, name):
         self.host, self.name = host, name
         kind = FAMILIES[name]
-        self.model = host.tiny_model("eps") if kind == "sd15" else host.tiny_dit(kind)
+        self.model = {"sd15": lambda: host.tiny_model("eps"), "sdxl": host.tiny_sdxl}.get(
+            kind, lambda: host.tiny_dit(kind))()
         self.samples = host.tiny_latent(self.model, size=SIZE)
 
     def conditioning(self, text):
         """The family's conditioning for ``text``; for instruction models ``text`` is the instruction."""
-        if self.name == "SD1.5":
-            return self.host.tiny_conditioning(text)
+        if self.name in UNETS:
+            return (self.host.tiny_conditioning if self.name == "SD1.5" else self.host.sdxl_conditioning)(text)
         conditioning = self.host.dit_conditioning(text)
         if self.name in REFERENCE_LATENT:
             (conditioning,) = node("ReferenceLatent", conditioning=conditioning, latent={"samples": self.samples})
@@ -160,8 +162,8 @@ def region_jacobian_direction_works(fam):
 
 def apply_region_direction_works(fam):
     import comfy.samplers
-    # Directions are found on a U-Net; a user brings them from SD1.5's (the only family they are found on).
-    directions = region_directions(family(fam.host, "SD1.5"))
+    # Directions are found on a U-Net: the family's own, or for the others SD1.5's, as a user might bring.
+    directions = region_directions(fam if fam.name in UNETS else family(fam.host, "SD1.5"))
     (patched,) = node("ApplyRegionDirection", model=fam.model, directions=directions, index=0, strength=30.0,
                       start_percent=0.0, end_percent=1.0)
     euler = comfy.samplers.sampler_object("euler")
@@ -179,7 +181,7 @@ def rectifier_train_works(fam):
 
 
 def rectifier_apply_works(fam):
-    rectifier = train_rectifier(family(fam.host, "SD1.5"))
+    rectifier = train_rectifier(fam if fam.name in UNETS else family(fam.host, "SD1.5"))
     (patched,) = node("RectifierApply", model=fam.model, rectifier=rectifier, latent={"samples": fam.samples})
     import comfy.samplers
     output = guided_sample(fam, patched, comfy.samplers.sampler_object("euler"), {"samples": fam.samples})

@@ -150,6 +150,29 @@ def tiny_model(kind="eps", seed=0):
     return _patcher(base)
 
 
+def tiny_sdxl(seed=0):
+    """An SDXL-shaped U-Net (2.9 M parameters): 2048-wide cross-attention and the pooled/size embedding, EPS."""
+    import comfy.supported_models
+    import torch
+    config = comfy.supported_models.SDXL({**TINY_UNET_CONFIG, **TINY_SDXL_CHANGES, "dtype": torch.float32})
+    # SDXL's own config fixes 64 channels per head, more than the tiny U-Net's 32.
+    config.unet_config["num_head_channels"] = 16
+    base = config.get_model({})
+    init_weights(base.diffusion_model, seed)
+    return _patcher(base)
+
+
+TINY_SDXL_CHANGES = {"context_dim": 2048, "adm_in_channels": 2816, "num_classes": "sequential",
+                     "use_linear_in_transformer": True}
+
+
+def sdxl_conditioning(text):
+    """A prompt for the tiny SDXL model: CLIP-L+G's 2048-wide context and G's 1280-wide pooled output."""
+    import torch
+    generator = _seeded(text)
+    return [[torch.randn(1, 77, 2048, generator=generator), {"pooled_output": torch.randn(1, 1280, generator=generator)}]]
+
+
 # Tiny DiTs of today's families, with ComfyUI's own model classes (supported_models) and small dims:
 # Flux (16-channel latents, 8x VAE), Flux 2 (128 channels, 16x) and Qwen-Image (16 channels in
 # one-frame 5-D latents from Wan 2.1's VAE, 8x). Their prompt embeddings are DIT_CONTEXT wide.
@@ -172,6 +195,11 @@ TINY_DIT_CONFIGS = {
                         "patch_size": 1, "qkv_bias": False, "ops_bias": False, "global_modulation": True,
                         "mlp_silu_act": True, "default_ref_method": "index", "ref_index_scale": 10.0,
                         "txt_ids_dims": [3]}),
+    # SD3's MMDiT: one block (its width is 64 per block), text and pooled embeddings DIT_CONTEXT wide.
+    "sd3": ("SD3", {"in_channels": 16, "out_channels": 16, "pos_embed_scaling_factor": None, "patch_size": 2,
+                    "depth": 1, "adm_in_channels": DIT_CONTEXT, "pos_embed_max_size": 32, "num_patches": 1024,
+                    "context_embedder_config": {"target": "torch.nn.Linear",
+                                                "params": {"in_features": DIT_CONTEXT, "out_features": 64}}}),
     "qwen_image": ("QwenImage", {"image_model": "qwen_image", "in_channels": 64, "out_channels": 16, "num_layers": 1,
                                  "attention_head_dim": 32, "num_attention_heads": 2,
                                  "joint_attention_dim": DIT_CONTEXT, "axes_dims_rope": (8, 12, 12),
@@ -187,7 +215,7 @@ def _patcher(base):
 
 
 def tiny_dit(family, seed=0):
-    """A tiny random-weight ``flux``, ``flux2`` or ``qwen_image`` model (0.2-0.3 M parameters), flow-matching as theirs."""
+    """A tiny random-weight model of a ``TINY_DIT_CONFIGS`` family (0.1-0.3 M parameters), flow-matching as theirs."""
     import comfy.supported_models
     import torch
     name, config = TINY_DIT_CONFIGS[family]
