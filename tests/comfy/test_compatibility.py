@@ -21,7 +21,7 @@ import re
 
 import pytest
 import torch
-from test_model_families import half_lambda, node, sample, schedule
+from test_model_families import half_lambda, node, schedule
 
 TABLE = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "results", "compatibility.md")
 SIZE = 16  # latent pixels: the tiny U-Net's bottleneck is 8x8, as the region directions need
@@ -60,10 +60,6 @@ class Family:
         if self.name in FLUX_GUIDANCE:
             (conditioning,) = node("FluxGuidance", conditioning=conditioning, guidance=FLUX_GUIDANCE[self.name])
         return conditioning
-
-    def sample(self, model, sampler, latent, noise=None, positive="target"):
-        samples = sample(self.host, model, sampler, latent, schedule(model), noise=noise, positive=positive)
-        return samples
 
     def check_kept(self, output, weights):
         kept = (weights == 0).expand_as(self.samples)

@@ -170,7 +170,8 @@ def sdxl_conditioning(text):
     """A prompt for the tiny SDXL model: CLIP-L+G's 2048-wide context and G's 1280-wide pooled output."""
     import torch
     generator = _seeded(text)
-    return [[torch.randn(1, 77, 2048, generator=generator), {"pooled_output": torch.randn(1, 1280, generator=generator)}]]
+    return [[torch.randn(1, 77, 2048, generator=generator),
+             {"pooled_output": torch.randn(1, 1280, generator=generator)}]]
 
 
 # Tiny DiTs of today's families, with ComfyUI's own model classes (supported_models) and small dims:
@@ -376,7 +377,8 @@ def _stand_in_nodes():
 
         @classmethod
         def execute(cls, clip, text):
-            return io.NodeOutput(dit_conditioning(text) if isinstance(clip, DitTextEncoder) else tiny_conditioning(text))
+            encode = dit_conditioning if isinstance(clip, DitTextEncoder) else tiny_conditioning
+            return io.NodeOutput(encode(text))
 
     class TinyImage(io.ComfyNode):
         @classmethod
