@@ -21,7 +21,6 @@ import re
 
 import pytest
 import torch
-from test_model_families import half_lambda, node, schedule
 
 TABLE = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "results", "compatibility.md")
 SIZE = 16  # latent pixels: the tiny U-Net's bottleneck is 8x8, as the region directions need
@@ -56,9 +55,9 @@ class Family:
             return (self.host.tiny_conditioning if self.name == "SD1.5" else self.host.sdxl_conditioning)(text)
         conditioning = self.host.dit_conditioning(text)
         if self.name in REFERENCE_LATENT:
-            (conditioning,) = node("ReferenceLatent", conditioning=conditioning, latent={"samples": self.samples})
+            (conditioning,) = self.host.node("ReferenceLatent", conditioning=conditioning, latent={"samples": self.samples})
         if self.name in FLUX_GUIDANCE:
-            (conditioning,) = node("FluxGuidance", conditioning=conditioning, guidance=FLUX_GUIDANCE[self.name])
+            (conditioning,) = self.host.node("FluxGuidance", conditioning=conditioning, guidance=FLUX_GUIDANCE[self.name])
         return conditioning
 
     def check_kept(self, output, weights):
@@ -78,14 +77,14 @@ def guided_sample(fam, model, sampler, latent, noise=None, positive=""):
     import comfy.sample
     samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
     noise = torch.randn(samples.shape, generator=torch.Generator().manual_seed(1)) if noise is None else noise
-    return comfy.sample.sample_custom(model, noise, 2.0, sampler, schedule(model), fam.conditioning(positive),
+    return comfy.sample.sample_custom(model, noise, 2.0, sampler, fam.host.schedule(model), fam.conditioning(positive),
                                       fam.conditioning(""), samples, noise_mask=latent.get("noise_mask"),
                                       disable_pbar=True, seed=0)
 
 
 def weight_map_works(fam):
     for mode in ("ngdm", "change"):
-        _, latent = node("NGDMWeightMap", model=fam.model, latent={"samples": fam.samples},
+        _, latent = fam.host.node("NGDMWeightMap", model=fam.model, latent={"samples": fam.samples},
                          source_conditioning=fam.conditioning(""), target_conditioning=fam.conditioning("edit"),
                          negative=fam.conditioning(""), seed=0, num_maps=2, encode_strength=0.5, cfg=2.0,
                          smoothing=1.0, a=10.0, b=5.0, mode=mode, change_steps=3)
@@ -96,24 +95,24 @@ def weight_map_works(fam):
 
 def per_pixel_time_sampler_works(fam):
     import comfy.samplers
-    weights = half_lambda(fam.samples)
-    (sampler,) = node("PerPixelTimeSampler", sampler=comfy.samplers.sampler_object("euler"), mapping="ngdm")
+    weights = fam.host.half_lambda(fam.samples)
+    (sampler,) = fam.host.node("PerPixelTimeSampler", sampler=comfy.samplers.sampler_object("euler"), mapping="ngdm")
     fam.check_kept(guided_sample(fam, fam.model, sampler, {"samples": fam.samples, "noise_mask": weights},
                                  positive="edit"), weights)
 
 
 def per_pixel_time_model_works(fam):
     import comfy.samplers
-    weights = half_lambda(fam.samples)
-    (model,) = node("PerPixelTimeModel", model=fam.model, mapping="ngdm")
+    weights = fam.host.half_lambda(fam.samples)
+    (model,) = fam.host.node("PerPixelTimeModel", model=fam.model, mapping="ngdm")
     fam.check_kept(guided_sample(fam, model, comfy.samplers.sampler_object("euler"),
                                  {"samples": fam.samples, "noise_mask": weights}, positive="edit"), weights)
 
 
 def edit_friendly_invert_works(fam):
-    replay, latent, sigmas = node("EditFriendlyInvert", model=fam.model, latent={"samples": fam.samples},
+    replay, latent, sigmas = fam.host.node("EditFriendlyInvert", model=fam.model, latent={"samples": fam.samples},
                                   positive=fam.conditioning(""), negative=fam.conditioning(""),
-                                  sigmas=schedule(fam.model), source_cfg=2.0, eta=1.0, skip=0.3, seed=0)
+                                  sigmas=fam.host.schedule(fam.model), source_cfg=2.0, eta=1.0, skip=0.3, seed=0)
     import comfy.sample
     reconstruction = comfy.sample.sample_custom(fam.model, torch.zeros(fam.samples.shape), 2.0, replay, sigmas,
                                                 fam.conditioning(""), fam.conditioning(""), latent["samples"],
@@ -125,7 +124,7 @@ EDGE_KNOBS = dict(lambda_min=1e-4, lambda_max=0.1, t_phi=1.0, transition="linear
 
 
 def edge_preserving_noise_works(fam):
-    (noise,) = node("EdgePreservingNoise", model=fam.model, sigmas=schedule(fam.model), seed=0, strength=1.0,
+    (noise,) = fam.host.node("EdgePreservingNoise", model=fam.model, sigmas=fam.host.schedule(fam.model), seed=0, strength=1.0,
                     **EDGE_KNOBS)
     shaped = noise.generate_noise({"samples": fam.samples})
     assert shaped.shape == fam.samples.shape and torch.isfinite(shaped).all()
@@ -133,7 +132,7 @@ def edge_preserving_noise_works(fam):
 
 def edge_preserving_sampler_works(fam):
     import comfy.samplers
-    (sampler,) = node("EdgePreservingSampler", sampler=comfy.samplers.sampler_object("euler_ancestral"),
+    (sampler,) = fam.host.node("EdgePreservingSampler", sampler=comfy.samplers.sampler_object("euler_ancestral"),
                       strength=1.0, **EDGE_KNOBS)
     output = guided_sample(fam, fam.model, sampler, {"samples": fam.samples}, positive="edit")
     assert output.shape == fam.samples.shape and torch.isfinite(output).all()
@@ -146,7 +145,7 @@ def quarter_mask(fam):
 
 
 def region_directions(fam):
-    return node("RegionJacobianDirection", model=fam.model, latent={"samples": fam.samples},
+    return fam.host.node("RegionJacobianDirection", model=fam.model, latent={"samples": fam.samples},
                 positive=fam.conditioning("edit"), mask=quarter_mask(fam), probe_percent=0.5, k=1, r=1, iterations=3,
                 seed=0, add_noise=True)[0]
 
@@ -160,7 +159,7 @@ def apply_region_direction_works(fam):
     import comfy.samplers
     # Directions are found on a U-Net: the family's own, or for the others SD1.5's, as a user might bring.
     directions = region_directions(fam if fam.name in UNETS else family(fam.host, "SD1.5"))
-    (patched,) = node("ApplyRegionDirection", model=fam.model, directions=directions, index=0, strength=30.0,
+    (patched,) = fam.host.node("ApplyRegionDirection", model=fam.model, directions=directions, index=0, strength=30.0,
                       start_percent=0.0, end_percent=1.0)
     euler = comfy.samplers.sampler_object("euler")
     plain = guided_sample(fam, fam.model, euler, {"samples": fam.samples})
@@ -168,7 +167,7 @@ def apply_region_direction_works(fam):
 
 
 def train_rectifier(fam):
-    return node("RectifierTrain", model=fam.model, latent={"samples": fam.samples}, positive=fam.conditioning(""),
+    return fam.host.node("RectifierTrain", model=fam.model, latent={"samples": fam.samples}, positive=fam.conditioning(""),
                 steps=1, learning_rate=1e-3, seed=0, filename_prefix="compatibility/rectifier", batch_size=1)[0]
 
 
@@ -178,7 +177,7 @@ def rectifier_train_works(fam):
 
 def rectifier_apply_works(fam):
     rectifier = train_rectifier(fam if fam.name in UNETS else family(fam.host, "SD1.5"))
-    (patched,) = node("RectifierApply", model=fam.model, rectifier=rectifier, latent={"samples": fam.samples})
+    (patched,) = fam.host.node("RectifierApply", model=fam.model, rectifier=rectifier, latent={"samples": fam.samples})
     import comfy.samplers
     output = guided_sample(fam, patched, comfy.samplers.sampler_object("euler"), {"samples": fam.samples})
     assert output.shape == fam.samples.shape and torch.isfinite(output).all()
@@ -218,24 +217,24 @@ def test_the_table_says_what_the_node_does_on_the_family(host, node_id, family_n
 @pytest.mark.parametrize("node_id,name", [("NGDMWeightMap", "target_conditioning"), ("EditFriendlyInvert", "positive")])
 def test_a_reference_latent_from_another_vae_is_refused_naming_the_input(host, node_id, name):
     fam = family(host, "Kontext")
-    (wrong,) = node("ReferenceLatent", conditioning=host.dit_conditioning("edit"),
+    (wrong,) = host.node("ReferenceLatent", conditioning=host.dit_conditioning("edit"),
                     latent={"samples": torch.randn(1, 4, SIZE, SIZE)})
     inputs = {"NGDMWeightMap": dict(source_conditioning=fam.conditioning(""), target_conditioning=wrong,
                                     negative=fam.conditioning(""), seed=0, num_maps=1, encode_strength=0.5, cfg=1.0,
                                     smoothing=1.0, a=10.0, b=5.0, mode="ngdm"),
-              "EditFriendlyInvert": dict(positive=wrong, negative=fam.conditioning(""), sigmas=schedule(fam.model),
+              "EditFriendlyInvert": dict(positive=wrong, negative=fam.conditioning(""), sigmas=host.schedule(fam.model),
                                          source_cfg=1.0, eta=1.0, skip=0.3, seed=0)}[node_id]
     expected = rf"{name}: its reference latent 0 has shape \(1, 4, 16, 16\), but this model reads 16-channel"
     with pytest.raises(ValueError, match=expected):
-        node(node_id, model=fam.model, latent={"samples": fam.samples}, **inputs)
+        host.node(node_id, model=fam.model, latent={"samples": fam.samples}, **inputs)
 
 
 def test_models_that_ignore_reference_latents_take_such_conditioning(host):
     """SD1.5 reads no reference latents: a conditioning carrying a Flux-shaped one is not refused for it."""
     fam = family(host, "SD1.5")
-    (conditioning,) = node("ReferenceLatent", conditioning=host.tiny_conditioning("edit"),
+    (conditioning,) = host.node("ReferenceLatent", conditioning=host.tiny_conditioning("edit"),
                            latent={"samples": torch.randn(1, 16, SIZE, SIZE)})
-    _, latent = node("NGDMWeightMap", model=fam.model, latent={"samples": fam.samples},
+    _, latent = host.node("NGDMWeightMap", model=fam.model, latent={"samples": fam.samples},
                      source_conditioning=conditioning, target_conditioning=host.tiny_conditioning("other"),
                      negative=conditioning, seed=0, num_maps=1, encode_strength=0.5, cfg=1.0, smoothing=1.0, a=10.0,
                      b=5.0, mode="ngdm")

@@ -286,6 +286,26 @@ def stand_in_encode(pixels, vae, name="source latent"):
                        generator=_seeded(name))
 
 
+def node(node_id, **inputs):
+    """Run the registered node ``node_id`` on ``inputs`` and return its outputs."""
+    import nodes
+    return nodes.NODE_CLASS_MAPPINGS[node_id].execute(**inputs).result
+
+
+def schedule(model, steps=6):
+    """ComfyUI's "simple" schedule of ``steps`` steps for ``model``."""
+    import comfy.samplers
+    return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", steps).cpu()
+
+
+def half_lambda(samples):
+    """Lambda 0 on the left half and 1 on the right, in the latent's shape with one channel."""
+    import torch
+    weights = torch.zeros(samples.shape[0], 1, *samples.shape[2:])
+    weights[..., samples.shape[-1] // 2:] = 1.0
+    return weights
+
+
 def tiny_latent(model, batch=1, size=LATENT_SIZE, seed=0):
     """A random source latent in ``model``'s shape: one-frame 5-D for 3-D latent formats, else 4-D."""
     import torch
