@@ -6,7 +6,7 @@ reference latents for Qwen-Image-Edit, both for FLUX.1 Kontext. "works" means th
 property holds there (below); "refuses (x)" means it stops with an error that names input x. A
 family no test builds is "not tested" in the table, and this test checks that it says so.
 
-- NGDMWeightMap: Lambda in [0, 1] in the latent's shape, in ngdm and change modes.
+- NGDMWeightMap: Lambda in the latent's shape, inside (0, 1) in ngdm mode and binary in change mode.
 - PerPixelTimeSampler, PerPixelTimeModel: the output is the source where Lambda = 0 (up to
   float32 rounding) and moves where Lambda = 1.
 - EditFriendlyInvert: replayed under the source conditioning, it reconstructs the source.
@@ -85,12 +85,16 @@ def guided_sample(fam, model, sampler, latent, noise=None, positive=""):
 def weight_map_works(fam):
     for mode in ("ngdm", "change"):
         _, latent = fam.host.node("NGDMWeightMap", model=fam.model, latent={"samples": fam.samples},
-                         source_conditioning=fam.conditioning(""), target_conditioning=fam.conditioning("edit"),
-                         negative=fam.conditioning(""), seed=0, num_maps=2, encode_strength=0.5, cfg=2.0,
-                         smoothing=1.0, a=10.0, b=5.0, mode=mode, change_steps=3)
+                                  source_conditioning=fam.conditioning(""), target_conditioning=fam.conditioning("edit"),
+                                  negative=fam.conditioning(""), seed=0, num_maps=2, encode_strength=0.5, cfg=2.0,
+                                  smoothing=1.0, a=10.0, b=5.0, mode=mode, change_steps=3)
         weights = latent["noise_mask"]
         assert weights.shape == (1, 1, *fam.samples.shape[2:])
-        assert 0 <= weights.min() and weights.max() <= 1 and weights.max() > 0
+        if mode == "ngdm":
+            assert 0 < weights.min() and weights.max() < 1
+        else:
+            # Binary; it may be empty: some tiny models' three-step edit changes nothing above the floor.
+            assert ((weights == 0) | (weights == 1)).all()
 
 
 def per_pixel_time_sampler_works(fam):
@@ -111,8 +115,8 @@ def per_pixel_time_model_works(fam):
 
 def edit_friendly_invert_works(fam):
     replay, latent, sigmas = fam.host.node("EditFriendlyInvert", model=fam.model, latent={"samples": fam.samples},
-                                  positive=fam.conditioning(""), negative=fam.conditioning(""),
-                                  sigmas=fam.host.schedule(fam.model), source_cfg=2.0, eta=1.0, skip=0.3, seed=0)
+                                           positive=fam.conditioning(""), negative=fam.conditioning(""),
+                                           sigmas=fam.host.schedule(fam.model), source_cfg=2.0, eta=1.0, skip=0.3, seed=0)
     import comfy.sample
     reconstruction = comfy.sample.sample_custom(fam.model, torch.zeros(fam.samples.shape), 2.0, replay, sigmas,
                                                 fam.conditioning(""), fam.conditioning(""), latent["samples"],
@@ -125,7 +129,7 @@ EDGE_KNOBS = dict(lambda_min=1e-4, lambda_max=0.1, t_phi=1.0, transition="linear
 
 def edge_preserving_noise_works(fam):
     (noise,) = fam.host.node("EdgePreservingNoise", model=fam.model, sigmas=fam.host.schedule(fam.model), seed=0, strength=1.0,
-                    **EDGE_KNOBS)
+                             **EDGE_KNOBS)
     shaped = noise.generate_noise({"samples": fam.samples})
     assert shaped.shape == fam.samples.shape and torch.isfinite(shaped).all()
 
@@ -133,7 +137,7 @@ def edge_preserving_noise_works(fam):
 def edge_preserving_sampler_works(fam):
     import comfy.samplers
     (sampler,) = fam.host.node("EdgePreservingSampler", sampler=comfy.samplers.sampler_object("euler_ancestral"),
-                      strength=1.0, **EDGE_KNOBS)
+                               strength=1.0, **EDGE_KNOBS)
     output = guided_sample(fam, fam.model, sampler, {"samples": fam.samples}, positive="edit")
     assert output.shape == fam.samples.shape and torch.isfinite(output).all()
 
@@ -144,10 +148,11 @@ def quarter_mask(fam):
     return mask
 
 
+@functools.lru_cache(maxsize=None)
 def region_directions(fam):
     return fam.host.node("RegionJacobianDirection", model=fam.model, latent={"samples": fam.samples},
-                positive=fam.conditioning("edit"), mask=quarter_mask(fam), probe_percent=0.5, k=1, r=1, iterations=3,
-                seed=0, add_noise=True)[0]
+                         positive=fam.conditioning("edit"), mask=quarter_mask(fam), probe_percent=0.5, k=1, r=1, iterations=3,
+                         seed=0, add_noise=True)[0]
 
 
 def region_jacobian_direction_works(fam):
@@ -160,15 +165,16 @@ def apply_region_direction_works(fam):
     # Directions are found on a U-Net: the family's own, or for the others SD1.5's, as a user might bring.
     directions = region_directions(fam if fam.name in UNETS else family(fam.host, "SD1.5"))
     (patched,) = fam.host.node("ApplyRegionDirection", model=fam.model, directions=directions, index=0, strength=30.0,
-                      start_percent=0.0, end_percent=1.0)
+                               start_percent=0.0, end_percent=1.0)
     euler = comfy.samplers.sampler_object("euler")
     plain = guided_sample(fam, fam.model, euler, {"samples": fam.samples})
     assert not torch.equal(guided_sample(fam, patched, euler, {"samples": fam.samples}), plain)
 
 
+@functools.lru_cache(maxsize=None)
 def train_rectifier(fam):
     return fam.host.node("RectifierTrain", model=fam.model, latent={"samples": fam.samples}, positive=fam.conditioning(""),
-                steps=1, learning_rate=1e-3, seed=0, filename_prefix="compatibility/rectifier", batch_size=1)[0]
+                         steps=1, learning_rate=1e-3, seed=0, filename_prefix="compatibility/rectifier", batch_size=1)[0]
 
 
 def rectifier_train_works(fam):
@@ -218,7 +224,7 @@ def test_the_table_says_what_the_node_does_on_the_family(host, node_id, family_n
 def test_a_reference_latent_from_another_vae_is_refused_naming_the_input(host, node_id, name):
     fam = family(host, "Kontext")
     (wrong,) = host.node("ReferenceLatent", conditioning=host.dit_conditioning("edit"),
-                    latent={"samples": torch.randn(1, 4, SIZE, SIZE)})
+                         latent={"samples": torch.randn(1, 4, SIZE, SIZE)})
     inputs = {"NGDMWeightMap": dict(source_conditioning=fam.conditioning(""), target_conditioning=wrong,
                                     negative=fam.conditioning(""), seed=0, num_maps=1, encode_strength=0.5, cfg=1.0,
                                     smoothing=1.0, a=10.0, b=5.0, mode="ngdm"),
@@ -233,9 +239,9 @@ def test_models_that_ignore_reference_latents_take_such_conditioning(host):
     """SD1.5 reads no reference latents: a conditioning carrying a Flux-shaped one is not refused for it."""
     fam = family(host, "SD1.5")
     (conditioning,) = host.node("ReferenceLatent", conditioning=host.tiny_conditioning("edit"),
-                           latent={"samples": torch.randn(1, 16, SIZE, SIZE)})
+                                latent={"samples": torch.randn(1, 16, SIZE, SIZE)})
     _, latent = host.node("NGDMWeightMap", model=fam.model, latent={"samples": fam.samples},
-                     source_conditioning=conditioning, target_conditioning=host.tiny_conditioning("other"),
-                     negative=conditioning, seed=0, num_maps=1, encode_strength=0.5, cfg=1.0, smoothing=1.0, a=10.0,
-                     b=5.0, mode="ngdm")
+                          source_conditioning=conditioning, target_conditioning=host.tiny_conditioning("other"),
+                          negative=conditioning, seed=0, num_maps=1, encode_strength=0.5, cfg=1.0, smoothing=1.0, a=10.0,
+                          b=5.0, mode="ngdm")
     assert latent["noise_mask"].shape == (1, 1, SIZE, SIZE)

@@ -222,6 +222,11 @@ def tiny_dit(family, seed=0):
     name, config = TINY_DIT_CONFIGS[family]
     base = getattr(comfy.supported_models, name)({**config, "dtype": torch.float32}).get_model({})
     init_weights(base.diffusion_model, seed)
+    # A checkpoint fills SD3's positional embedding, a buffer ComfyUI 0.33 leaves uninitialised.
+    position = getattr(base.diffusion_model, "pos_embed", None)
+    if torch.is_tensor(position):
+        with torch.no_grad():
+            position.copy_(torch.randn(position.shape, generator=_seeded(f"pos_embed {seed}")) * 0.05)
     return _patcher(base)
 
 
