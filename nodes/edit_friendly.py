@@ -63,7 +63,8 @@ class EditFriendlyInvert(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The model that inverts the source; sample the edit with the same one."),
                 io.Latent.Input("latent", tooltip="The source image, VAE-encoded."),
-                io.Conditioning.Input("positive", tooltip="A prompt describing the source image."),
+                io.Conditioning.Input("positive", tooltip="A prompt describing the source image; for an "
+                                      "instruction-edit model, the empty instruction with the same reference image."),
                 io.Conditioning.Input("negative", tooltip="The negative prompt of the source prediction's CFG."),
                 io.Sigmas.Input("sigmas", tooltip="The full schedule, e.g. BasicScheduler with 100 steps."),
                 io.Float.Input("source_cfg", default=3.5, min=0.0, max=100.0, step=0.1, round=0.01,

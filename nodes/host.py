@@ -190,6 +190,28 @@ def require_conditioning(name, model, conditioning):
         if width is not None and embedding.shape[-1] != width:
             raise ValueError(f"{name}{entry}: the prompt embedding is {embedding.shape[-1]} wide, but this model's "
                              f"cross-attention takes {width}: encode the prompt with this model's own text encoder")
+        _require_reference_latents(f"{name}{entry}", model, options.get("reference_latents"))
+
+
+def _require_reference_latents(name, model, references):
+    """Reference latents (ReferenceLatent, TextEncodeQwenImageEdit) in the layout of the latents ``model`` reads.
+
+    Only models that read them (Kontext, Qwen-Image-Edit, Flux 2, ...) are held to their layout:
+    ComfyUI's ``extra_conds_shapes`` names ``ref_latents`` for those; others ignore them.
+    """
+    if references is None:
+        return
+    if not isinstance(references, (list, tuple)) or not all(torch.is_tensor(latent) for latent in references):
+        raise ValueError(f"{name}: its reference_latents must be a list of latent tensors (from ReferenceLatent), "
+                         f"got {type(references).__name__}")
+    if "ref_latents" not in model.model.extra_conds_shapes(reference_latents=list(references)):
+        return
+    channels = model.model.latent_format.latent_channels
+    for index, latent in enumerate(references):
+        if latent.ndim not in (4, 5) or latent.shape[1] != channels:
+            raise ValueError(f"{name}: its reference latent {index} has shape {tuple(latent.shape)}, but this model "
+                             f"reads {channels}-channel image latents: encode the reference image with this model's "
+                             "own VAE")
 
 
 def model_conditioning(model, x, positive):

@@ -43,8 +43,11 @@ class NGDMWeightMap(io.ComfyNode):
                 io.Model.Input("model", tooltip="The diffusion model that compares the two prompts' predictions; "
                                                 "EPS, V-prediction and flow models all work."),
                 io.Latent.Input("latent", tooltip="The source image, VAE-encoded."),
-                io.Conditioning.Input("source_conditioning", tooltip="A prompt describing the source image."),
-                io.Conditioning.Input("target_conditioning", tooltip="A prompt describing the edit you want."),
+                io.Conditioning.Input("source_conditioning", tooltip="A prompt describing the source image. For an "
+                                      "instruction-edit model (Qwen-Image-Edit, FLUX.1 Kontext): the empty "
+                                      "instruction, with the same reference image."),
+                io.Conditioning.Input("target_conditioning", tooltip="A prompt describing the edit you want; for an "
+                                      "instruction-edit model, the instruction."),
                 io.Conditioning.Input("negative", tooltip="The negative prompt both predictions are guided against."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seeds the num_maps noises the source is noised with."),

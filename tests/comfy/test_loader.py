@@ -16,7 +16,7 @@ def test_the_example_workflows_are_served_as_templates(host):
     import os
     folder = os.path.join(host.PACK_ROOT, "example_workflows")
     names = sorted(f for f in os.listdir(folder) if f.endswith(".json"))
-    assert names == ["edge_preserving_stroke_img2img.json", "edit_friendly_edit.json", "ngdm_controlnet_edit.json", "ngdm_edit_friendly_edit.json",
-                     "ngdm_ksampler_edit.json", "ngdm_text_edit.json", "rectifier_edit_training.json",
-                     "rectifier_reconstruct_edit.json",
-                     "region_direction_edit.json"]
+    assert names == ["edge_preserving_stroke_img2img.json", "edit_friendly_edit.json", "flux_kontext_confined_edit.json",
+                     "flux_ngdm_edit_friendly_edit.json", "ngdm_controlnet_edit.json", "ngdm_edit_friendly_edit.json",
+                     "ngdm_ksampler_edit.json", "ngdm_text_edit.json", "qwen_image_edit_confined_edit.json",
+                     "rectifier_edit_training.json", "rectifier_reconstruct_edit.json", "region_direction_edit.json"]

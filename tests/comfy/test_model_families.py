@@ -11,21 +11,11 @@ STEPS = 6
 FAMILIES = ["flux", "qwen_image"]
 
 
-def node(node_id, **inputs):
-    import nodes
-    return nodes.NODE_CLASS_MAPPINGS[node_id].execute(**inputs).result
-
-
-def schedule(model, steps=STEPS):
-    import comfy.samplers
-    return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", steps).cpu()
-
-
 def weight_map(host, model, samples, mode="diffedit", text=None):
     text = text or host.dit_conditioning
-    return node("NGDMWeightMap", model=model, latent={"samples": samples}, source_conditioning=text("source"),
-                target_conditioning=text("target"), negative=text("negative"), seed=0, num_maps=2, encode_strength=0.5,
-                cfg=2.0, smoothing=1.0, a=10.0, b=5.0, mode=mode)
+    return host.node("NGDMWeightMap", model=model, latent={"samples": samples}, source_conditioning=text("source"),
+                     target_conditioning=text("target"), negative=text("negative"), seed=0, num_maps=2,
+                     encode_strength=0.5, cfg=2.0, smoothing=1.0, a=10.0, b=5.0, mode=mode)
 
 
 def sample(host, model, sampler, latent, sigmas, noise=None, cfg=2.0, positive="target"):
@@ -36,13 +26,6 @@ def sample(host, model, sampler, latent, sigmas, noise=None, cfg=2.0, positive="
     return comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, host.dit_conditioning(positive),
                                       host.dit_conditioning("negative"), samples,
                                       noise_mask=latent.get("noise_mask"), disable_pbar=True, seed=0)
-
-
-def half_lambda(samples):
-    """Lambda 0 on the left half and 1 on the right, in the latent's shape with one channel."""
-    weights = torch.zeros(samples.shape[0], 1, *samples.shape[2:])
-    weights[..., samples.shape[-1] // 2:] = 1.0
-    return weights
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -62,9 +45,9 @@ def test_ngdm_keeps_the_source_exactly_where_lambda_is_zero(host, family):
     import comfy.samplers
     model = host.tiny_dit(family)
     samples = host.tiny_latent(model)
-    weights = half_lambda(samples)
-    (sampler,) = node("PerPixelTimeSampler", sampler=comfy.samplers.sampler_object("euler"), mapping="ngdm")
-    output = sample(host, model, sampler, {"samples": samples, "noise_mask": weights}, schedule(model))
+    weights = host.half_lambda(samples)
+    (sampler,) = host.node("PerPixelTimeSampler", sampler=comfy.samplers.sampler_object("euler"), mapping="ngdm")
+    output = sample(host, model, sampler, {"samples": samples, "noise_mask": weights}, host.schedule(model))
     assert output.shape == samples.shape
     kept = (weights == 0).expand_as(samples)
     assert (output - samples)[kept].abs().max().item() <= 1e-5
@@ -85,9 +68,9 @@ def test_a_4d_latent_on_qwen_image_keeps_its_shape(host):
 
 
 def invert(host, model, samples, steps=STEPS, skip=0.3):
-    return node("EditFriendlyInvert", model=model, latent={"samples": samples}, positive=host.dit_conditioning("source"),
-                negative=host.dit_conditioning("negative"), sigmas=schedule(model, steps), source_cfg=2.0, eta=1.0,
-                skip=skip, seed=0)
+    return host.node("EditFriendlyInvert", model=model, latent={"samples": samples}, positive=host.dit_conditioning("source"),
+                     negative=host.dit_conditioning("negative"), sigmas=host.schedule(model, steps), source_cfg=2.0, eta=1.0,
+                     skip=skip, seed=0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -109,8 +92,8 @@ def test_ngdm_over_the_inversion_keeps_the_source_exactly_where_lambda_is_zero(h
     model = host.tiny_dit(family)
     samples = host.tiny_latent(model)
     replay, latent, sigmas = invert(host, model, samples)
-    (sampler,) = node("PerPixelTimeSampler", sampler=replay, mapping="ngdm")
-    weights = half_lambda(samples)
+    (sampler,) = host.node("PerPixelTimeSampler", sampler=replay, mapping="ngdm")
+    weights = host.half_lambda(samples)
     output = sample(host, model, sampler, {**latent, "noise_mask": weights}, sigmas, noise=torch.zeros(samples.shape))
     kept = (weights == 0).expand_as(samples)
     assert (output - samples)[kept].abs().max().item() <= 1e-4
@@ -169,7 +152,7 @@ def test_edge_preserving_noise_keeps_a_5d_latents_shape_and_random_noise_where_f
     image = torch.zeros(1, 64, 64, 3)
     image[:, :, 32:] = 1.0
     for source in (None, image):
-        (noise,) = node("EdgePreservingNoise", model=model, sigmas=schedule(model)[2:], seed=3, image=source, **knobs)
+        (noise,) = host.node("EdgePreservingNoise", model=model, sigmas=host.schedule(model)[2:], seed=3, image=source, **knobs)
         shaped = noise.generate_noise(latent)
         assert shaped.shape == samples.shape
         assert torch.equal(shaped[..., :2], reference[..., :2])
@@ -182,9 +165,9 @@ def test_the_edge_preserving_sampler_runs_on_a_5d_latent(host):
     samples = host.tiny_latent(model)
     base = comfy.samplers.sampler_object("euler_ancestral")
     knobs = dict(lambda_min=1e-4, lambda_max=0.1, t_phi=1.0, transition="linear")
-    (unchanged,) = node("EdgePreservingSampler", sampler=base, strength=0.0, **knobs)
-    (shaped,) = node("EdgePreservingSampler", sampler=base, strength=1.0, **knobs)
-    sigmas = schedule(model)
+    (unchanged,) = host.node("EdgePreservingSampler", sampler=base, strength=0.0, **knobs)
+    (shaped,) = host.node("EdgePreservingSampler", sampler=base, strength=1.0, **knobs)
+    sigmas = host.schedule(model)
     plain = sample(host, model, unchanged, {"samples": samples}, sigmas)
     edged = sample(host, model, shaped, {"samples": samples}, sigmas)
     assert edged.shape == samples.shape and torch.isfinite(edged).all()
@@ -202,8 +185,8 @@ def test_video_latents_are_refused(host, node_id):
         elif node_id == "EditFriendlyInvert":
             invert(host, model, video)
         else:
-            (noise,) = node("EdgePreservingNoise", model=model, sigmas=schedule(model), seed=0, lambda_min=1e-4,
-                            lambda_max=0.1, t_phi=1.0, transition="linear", strength=1.0)
+            (noise,) = host.node("EdgePreservingNoise", model=model, sigmas=host.schedule(model), seed=0, lambda_min=1e-4,
+                                 lambda_max=0.1, t_phi=1.0, transition="linear", strength=1.0)
             noise.generate_noise({"samples": video})
 
 
@@ -214,13 +197,13 @@ def test_u_net_only_nodes_refuse_5d_latents_clearly(host):
     mask[:, :32, :32] = 1.0
     expected = r"latent: expected an image latent of shape \(batch, channels, height, width\), got \(1, 4, 1, 8, 8\)"
     with pytest.raises(ValueError, match=expected):
-        node("RegionJacobianDirection", model=model, latent=latent, positive=host.tiny_conditioning("p"), mask=mask,
-             probe_percent=0.5, k=1, r=1, iterations=2, seed=0, add_noise=True)
+        host.node("RegionJacobianDirection", model=model, latent=latent, positive=host.tiny_conditioning("p"), mask=mask,
+                  probe_percent=0.5, k=1, r=1, iterations=2, seed=0, add_noise=True)
     with pytest.raises(ValueError, match=expected):
-        node("RectifierTrain", model=model, latent=latent, positive=host.tiny_conditioning(""), steps=1,
+        host.node("RectifierTrain", model=model, latent=latent, positive=host.tiny_conditioning(""), steps=1,
              learning_rate=1e-3, seed=0, filename_prefix="test/never", batch_size=1)
     with pytest.raises(ValueError, match=expected):
-        node("RectifierApply", model=model, rectifier=untrained_rectifier(host, model), latent=latent)
+        host.node("RectifierApply", model=model, rectifier=untrained_rectifier(host, model), latent=latent)
 
 
 def untrained_rectifier(host, model):
@@ -235,19 +218,19 @@ def test_u_net_only_nodes_refuse_dit_models_naming_the_model(host, family):
     model = host.tiny_dit(family)
     latent = {"samples": host.tiny_latent(model)}
     unet = host.tiny_model("eps")
-    directions, _ = node("RegionJacobianDirection", model=unet, latent={"samples": torch.randn(1, 4, 8, 8)},
+    directions, _ = host.node("RegionJacobianDirection", model=unet, latent={"samples": torch.randn(1, 4, 8, 8)},
                          positive=host.tiny_conditioning("p"), mask=torch.ones(1, 64, 64).tril(), probe_percent=0.5,
                          k=1, r=1, iterations=2, seed=0, add_noise=True)
     no_bottleneck = r"^model: \w+ has no U-Net bottleneck"
     with pytest.raises(ValueError, match=no_bottleneck):
-        node("RegionJacobianDirection", model=model, latent=latent, positive=host.dit_conditioning("p"),
+        host.node("RegionJacobianDirection", model=model, latent=latent, positive=host.dit_conditioning("p"),
              mask=torch.ones(1, 64, 64).tril(), probe_percent=0.5, k=1, r=1, iterations=2, seed=0, add_noise=True)
     with pytest.raises(ValueError, match=no_bottleneck):
-        node("ApplyRegionDirection", model=model, directions=directions, index=0, strength=1.0, start_percent=0.0,
+        host.node("ApplyRegionDirection", model=model, directions=directions, index=0, strength=1.0, start_percent=0.0,
              end_percent=1.0)
     not_ddpm = r"^model: the rectifier supports U-Net models that predict noise \(EPS\) or v"
     with pytest.raises(ValueError, match=not_ddpm):
-        node("RectifierTrain", model=model, latent=latent, positive=host.dit_conditioning(""), steps=1,
+        host.node("RectifierTrain", model=model, latent=latent, positive=host.dit_conditioning(""), steps=1,
              learning_rate=1e-3, seed=0, filename_prefix="test/never", batch_size=1)
     with pytest.raises(ValueError, match=not_ddpm):
-        node("RectifierApply", model=model, rectifier=untrained_rectifier(host, unet), latent=latent)
+        host.node("RectifierApply", model=model, rectifier=untrained_rectifier(host, unet), latent=latent)

@@ -32,7 +32,19 @@ STAND_INS = {
     "ControlNetLoader": "TinyControlNetLoader",
     "CLIPLoader": "TinyCLIPLoader",
     "CLIPVisionLoader": "TinyCLIPVisionLoader",
+    "UNETLoader": "TinyUNETLoader",
+    "DualCLIPLoader": "TinyDualCLIPLoader",
+    "VAELoader": "TinyVAELoader",
+    "TextEncodeQwenImageEdit": "TinyTextEncodeQwenImageEdit",
 }
+# The weight files the templates for today's families load, by the tiny family standing in for each.
+DIT_FILES = {
+    "flux1-dev.safetensors": "flux_dev", "flux1-dev-kontext_fp8_scaled.safetensors": "flux_dev",
+    "ae.safetensors": "flux_dev", "qwen_image_edit_2509_fp8_e4m3fn.safetensors": "qwen_image",
+    "qwen_image_vae.safetensors": "qwen_image",
+}
+# CLIPLoader/DualCLIPLoader types whose text encoders give prompts as wide as the tiny DiTs take.
+DIT_TEXT_ENCODER_TYPES = {"flux", "qwen_image", "flux2"}
 TINY_UNET_CONFIG = {
     "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
     "adm_in_channels": None, "use_linear_in_transformer": False, "use_temporal_attention": False,
@@ -138,21 +150,57 @@ def tiny_model(kind="eps", seed=0):
     return _patcher(base)
 
 
+def tiny_sdxl(seed=0):
+    """An SDXL-shaped U-Net (2.9 M parameters): 2048-wide cross-attention and the pooled/size embedding, EPS."""
+    import comfy.supported_models
+    import torch
+    config = comfy.supported_models.SDXL({**TINY_UNET_CONFIG, **TINY_SDXL_CHANGES, "dtype": torch.float32})
+    # SDXL's own config fixes 64 channels per head, more than the tiny U-Net's 32.
+    config.unet_config["num_head_channels"] = 16
+    base = config.get_model({})
+    init_weights(base.diffusion_model, seed)
+    return _patcher(base)
+
+
+TINY_SDXL_CHANGES = {"context_dim": 2048, "adm_in_channels": 2816, "num_classes": "sequential",
+                     "use_linear_in_transformer": True}
+
+
+def sdxl_conditioning(text):
+    """A prompt for the tiny SDXL model: CLIP-L+G's 2048-wide context and G's 1280-wide pooled output."""
+    import torch
+    generator = _seeded(text)
+    return [[torch.randn(1, 77, 2048, generator=generator),
+             {"pooled_output": torch.randn(1, 1280, generator=generator)}]]
+
+
 # Tiny DiTs of today's families, with ComfyUI's own model classes (supported_models) and small dims:
 # Flux (16-channel latents, 8x VAE), Flux 2 (128 channels, 16x) and Qwen-Image (16 channels in
 # one-frame 5-D latents from Wan 2.1's VAE, 8x). Their prompt embeddings are DIT_CONTEXT wide.
+# flux_dev is Flux.1 dev's layout, with the guidance embedding FluxGuidance sets; FLUX.1 Kontext is
+# the same network reading reference latents, and Qwen-Image-Edit is Qwen-Image's.
 DIT_CONTEXT = 32
 TINY_DIT_CONFIGS = {
     "flux": ("Flux", {"image_model": "flux", "guidance_embed": False, "in_channels": 16, "out_channels": 16,
                       "vec_in_dim": DIT_CONTEXT, "context_in_dim": DIT_CONTEXT, "hidden_size": 64, "mlp_ratio": 2.0,
                       "num_heads": 2, "depth": 1, "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000,
                       "patch_size": 2, "qkv_bias": True, "txt_ids_dims": []}),
+    "flux_dev": ("Flux", {"image_model": "flux", "guidance_embed": True, "in_channels": 16, "out_channels": 16,
+                          "vec_in_dim": DIT_CONTEXT, "context_in_dim": DIT_CONTEXT, "hidden_size": 64,
+                          "mlp_ratio": 2.0, "num_heads": 2, "depth": 1, "depth_single_blocks": 1,
+                          "axes_dim": [8, 12, 12], "theta": 10000, "patch_size": 2, "qkv_bias": True,
+                          "txt_ids_dims": []}),
     "flux2": ("Flux2", {"image_model": "flux2", "guidance_embed": False, "in_channels": 128, "out_channels": 128,
                         "vec_in_dim": None, "context_in_dim": DIT_CONTEXT, "hidden_size": 64, "mlp_ratio": 3.0,
                         "num_heads": 2, "depth": 1, "depth_single_blocks": 1, "axes_dim": [8, 8, 8, 8], "theta": 2000,
                         "patch_size": 1, "qkv_bias": False, "ops_bias": False, "global_modulation": True,
                         "mlp_silu_act": True, "default_ref_method": "index", "ref_index_scale": 10.0,
                         "txt_ids_dims": [3]}),
+    # SD3's MMDiT: one block (its width is 64 per block), text and pooled embeddings DIT_CONTEXT wide.
+    "sd3": ("SD3", {"in_channels": 16, "out_channels": 16, "pos_embed_scaling_factor": None, "patch_size": 2,
+                    "depth": 1, "adm_in_channels": DIT_CONTEXT, "pos_embed_max_size": 32, "num_patches": 1024,
+                    "context_embedder_config": {"target": "torch.nn.Linear",
+                                                "params": {"in_features": DIT_CONTEXT, "out_features": 64}}}),
     "qwen_image": ("QwenImage", {"image_model": "qwen_image", "in_channels": 64, "out_channels": 16, "num_layers": 1,
                                  "attention_head_dim": 32, "num_attention_heads": 2,
                                  "joint_attention_dim": DIT_CONTEXT, "axes_dims_rope": (8, 12, 12),
@@ -168,12 +216,17 @@ def _patcher(base):
 
 
 def tiny_dit(family, seed=0):
-    """A tiny random-weight ``flux``, ``flux2`` or ``qwen_image`` model (0.2-0.3 M parameters), flow-matching as theirs."""
+    """A tiny random-weight model of a ``TINY_DIT_CONFIGS`` family (0.1-0.3 M parameters), flow-matching as theirs."""
     import comfy.supported_models
     import torch
     name, config = TINY_DIT_CONFIGS[family]
     base = getattr(comfy.supported_models, name)({**config, "dtype": torch.float32}).get_model({})
     init_weights(base.diffusion_model, seed)
+    # A checkpoint fills SD3's positional embedding, a buffer ComfyUI 0.33 leaves uninitialised.
+    position = getattr(base.diffusion_model, "pos_embed", None)
+    if torch.is_tensor(position):
+        with torch.no_grad():
+            position.copy_(torch.randn(position.shape, generator=_seeded(f"pos_embed {seed}")) * 0.05)
     return _patcher(base)
 
 
@@ -182,6 +235,80 @@ def dit_conditioning(text, width=DIT_CONTEXT):
     import torch
     generator = _seeded(text)
     return [[torch.randn(1, 8, width, generator=generator), {"pooled_output": torch.randn(1, width, generator=generator)}]]
+
+
+def dit_family(file_name):
+    """The tiny family standing in for a template's weight file (see ``DIT_FILES``)."""
+    if file_name not in DIT_FILES:
+        raise ValueError(f"no tiny stand-in for {file_name!r}: add it to tiny_host.DIT_FILES")
+    return DIT_FILES[file_name]
+
+
+def family_latent_format(family):
+    """The latent format (channels, frame axis, scaling) of a tiny DiT family, as its supported_models config has it."""
+    import comfy.supported_models
+    return getattr(comfy.supported_models, TINY_DIT_CONFIGS[family][0]).latent_format()
+
+
+def held_pixel_tolerance(latent_format, source, noise_bound=6.0):
+    """How far float32 rounding can move a pixel that is held on the source (Lambda = 0) through a host run.
+
+    In real numbers it ends on the source exactly. In float32 it passes process_latent_in, a few
+    sampler operations in the processed space on values no larger than the processed source or the
+    noise (|z| < ``noise_bound`` for any draw of fewer than 1e8 normal values), and process_latent_out,
+    whose gain carries those roundings back. Each rounds by at most half an ulp of the largest value
+    it touches; four such roundings bound the total.
+    """
+    import torch
+    eps = torch.finfo(torch.float32).eps
+    ones = torch.ones(1, latent_format.latent_channels, *source.shape[2:])
+    gain = (latent_format.process_out(ones) - latent_format.process_out(torch.zeros_like(ones))).abs().max().item()
+    processed = latent_format.process_in(source).abs().max().item()
+    return 4 * eps * (gain * max(processed, noise_bound) + source.abs().max().item())
+
+
+class DitTextEncoder:
+    """Stands in for a DiT family's text encoder: TinyTextEncode gives ``dit_conditioning`` for it."""
+
+
+class LatentOnlyVAE:
+    """Stands in for a DiT family's VAE where only its latent layout matters (the encode and decode are stand-ins).
+
+    ``latent_channels`` and ``latent_dim`` (3 for one-frame 5-D latents) as comfy.sd.VAE names them.
+    """
+
+    def __init__(self, family):
+        latent_format = family_latent_format(family)
+        self.latent_channels = latent_format.latent_channels
+        self.latent_dim = latent_format.latent_dimensions
+
+
+def stand_in_encode(pixels, vae, name="source latent"):
+    """The stand-in VAE encode: a seeded random latent in ``vae``'s layout, LATENT_SIZE square."""
+    import torch
+    frames = (1,) if vae.latent_dim == 3 else ()
+    return torch.randn(pixels.shape[0], vae.latent_channels, *frames, LATENT_SIZE, LATENT_SIZE,
+                       generator=_seeded(name))
+
+
+def node(node_id, **inputs):
+    """Run the registered node ``node_id`` on ``inputs`` and return its outputs."""
+    import nodes
+    return nodes.NODE_CLASS_MAPPINGS[node_id].execute(**inputs).result
+
+
+def schedule(model, steps=6):
+    """ComfyUI's "simple" schedule of ``steps`` steps for ``model``."""
+    import comfy.samplers
+    return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", steps).cpu()
+
+
+def half_lambda(samples):
+    """Lambda 0 on the left half and 1 on the right, in the latent's shape with one channel."""
+    import torch
+    weights = torch.zeros(samples.shape[0], 1, *samples.shape[2:])
+    weights[..., samples.shape[-1] // 2:] = 1.0
+    return weights
 
 
 def tiny_latent(model, batch=1, size=LATENT_SIZE, seed=0):
@@ -275,7 +402,8 @@ def _stand_in_nodes():
 
         @classmethod
         def execute(cls, clip, text):
-            return io.NodeOutput(tiny_conditioning(text))
+            encode = dit_conditioning if isinstance(clip, DitTextEncoder) else tiny_conditioning
+            return io.NodeOutput(encode(text))
 
     class TinyImage(io.ComfyNode):
         @classmethod
@@ -299,7 +427,7 @@ def _stand_in_nodes():
 
         @classmethod
         def execute(cls, pixels, vae):
-            samples = torch.randn(pixels.shape[0], 4, LATENT_SIZE, LATENT_SIZE, generator=_seeded("source latent"))
+            samples = stand_in_encode(pixels, vae)
             CAPTURED["source"] = samples.clone()
             return io.NodeOutput({"samples": samples})
 
@@ -314,7 +442,7 @@ def _stand_in_nodes():
             CAPTURED["output"] = {key: value.clone() for key, value in samples.items() if torch.is_tensor(value)}
             # Per decode node too, for workflows with several branches.
             CAPTURED["decoded"][cls.hidden.unique_id] = CAPTURED["output"]
-            batch, _, height, width = samples["samples"].shape
+            batch, height, width = samples["samples"].shape[0], *samples["samples"].shape[-2:]
             return io.NodeOutput(torch.zeros(batch, 8 * height, 8 * width, 3))
 
     class TinyControlNetLoader(io.ComfyNode):
@@ -331,12 +459,12 @@ def _stand_in_nodes():
         @classmethod
         def define_schema(cls):
             return io.Schema(node_id="TinyCLIPLoader", inputs=[io.String.Input("clip_name"), io.String.Input("type"),
-                                                               io.String.Input("device")],
+                                                               io.String.Input("device", optional=True)],
                              outputs=[io.Clip.Output()])
 
         @classmethod
-        def execute(cls, clip_name, type, device):
-            return io.NodeOutput(cached("clip", tiny_clip))
+        def execute(cls, clip_name, type, device="default"):
+            return io.NodeOutput(DitTextEncoder() if type in DIT_TEXT_ENCODER_TYPES else cached("clip", tiny_clip))
 
     class TinyCLIPVisionLoader(io.ComfyNode):
         @classmethod
@@ -348,8 +476,63 @@ def _stand_in_nodes():
         def execute(cls, clip_name):
             return io.NodeOutput(cached("clip_vision", tiny_clip_vision))
 
+    class TinyUNETLoader(io.ComfyNode):
+        @classmethod
+        def define_schema(cls):
+            return io.Schema(node_id="TinyUNETLoader", inputs=[io.String.Input("unet_name"),
+                                                               io.String.Input("weight_dtype")],
+                             outputs=[io.Model.Output()])
+
+        @classmethod
+        def execute(cls, unet_name, weight_dtype):
+            family = dit_family(unet_name)
+            if family not in models:
+                models[family] = tiny_dit(family)
+            return io.NodeOutput(models[family])
+
+    class TinyDualCLIPLoader(io.ComfyNode):
+        @classmethod
+        def define_schema(cls):
+            return io.Schema(node_id="TinyDualCLIPLoader",
+                             inputs=[io.String.Input("clip_name1"), io.String.Input("clip_name2"),
+                                     io.String.Input("type"), io.String.Input("device", optional=True)],
+                             outputs=[io.Clip.Output()])
+
+        @classmethod
+        def execute(cls, clip_name1, clip_name2, type, device="default"):
+            if type not in DIT_TEXT_ENCODER_TYPES:
+                raise ValueError(f"no tiny stand-in for DualCLIPLoader type {type!r}")
+            return io.NodeOutput(DitTextEncoder())
+
+    class TinyVAELoader(io.ComfyNode):
+        @classmethod
+        def define_schema(cls):
+            return io.Schema(node_id="TinyVAELoader", inputs=[io.String.Input("vae_name")], outputs=[io.Vae.Output()])
+
+        @classmethod
+        def execute(cls, vae_name):
+            return io.NodeOutput(LatentOnlyVAE(dit_family(vae_name)))
+
+    class TinyTextEncodeQwenImageEdit(io.ComfyNode):
+        """TextEncodeQwenImageEdit's inputs and output: the prompt, plus the image's latent as a reference latent."""
+
+        @classmethod
+        def define_schema(cls):
+            return io.Schema(node_id="TinyTextEncodeQwenImageEdit",
+                             inputs=[io.Clip.Input("clip"), io.String.Input("prompt"),
+                                     io.Vae.Input("vae", optional=True), io.Image.Input("image", optional=True)],
+                             outputs=[io.Conditioning.Output()])
+
+        @classmethod
+        def execute(cls, clip, prompt, vae=None, image=None):
+            (embedding, options), = dit_conditioning(prompt)
+            if vae is not None and image is not None:
+                # The same latent the stand-in VAEEncode gives for the image.
+                options = {**options, "reference_latents": [stand_in_encode(image, vae)]}
+            return io.NodeOutput([[embedding, options]])
+
     return [TinyCheckpoint, TinyTextEncode, TinyImage, TinyEncode, TinyDecode, TinyControlNetLoader, TinyCLIPLoader,
-            TinyCLIPVisionLoader]
+            TinyCLIPVisionLoader, TinyUNETLoader, TinyDualCLIPLoader, TinyVAELoader, TinyTextEncodeQwenImageEdit]
 
 
 def _widget_inputs(class_type):
