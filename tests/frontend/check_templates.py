@@ -8,7 +8,9 @@ every ``example_workflows/*.json`` as the template menu does, and checks:
 - no node is missing or deprecated (the frontend knows every node type; the server marks none deprecated);
 - every widget value is where it belongs: the prompt the frontend builds (``graphToPrompt``) holds, for
   each widget, the JSON's ``widgets_values`` entry that the node's schema maps to it, or the widget's
-  default where a workflow saved before the widget existed has no entry;
+  default where a workflow saved before the widget existed has no entry; each saved value fits its widget
+  (type, range, options; a seed's control value), so values shifted by a missing entry show;
+- every saved link arrives at the input it names;
 - no node's box, title bar included, overlaps another's, at the size the frontend draws it.
 
 Run it with any Python that has Playwright (it runs ComfyUI with the Python you name):
@@ -39,6 +41,7 @@ PACK_DIR_NAME = "ngdm-image-editing"
 DEFAULT_FOLDER = os.path.join(PACK_ROOT, "example_workflows")
 CHROMIUM = "/usr/bin/chromium"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 SERVER_START_S = 300
 # Screenshots need a large view: below about half scale the newer frontends draw nodes without text.
 SCREENSHOT_VIEWPORT = {"width": 2400, "height": 1500}
@@ -56,8 +59,7 @@ READ_GRAPH_JS = """async () => {
     const min = n.computeSize();
     return {id: n.id, type: n.type, pos: [n.pos[0], n.pos[1]], size: [n.size[0], n.size[1]],
             min: [min[0], min[1]], title: n.collapsed ? 0 : title, collapsed: !!n.collapsed,
-            registered: !!LG.registered_node_types[n.type],
-            widgets: (n.widgets || []).map(w => w.name)};
+            registered: !!LG.registered_node_types[n.type]};
   });
   return {output: prompt.output, nodes};
 }"""
@@ -128,9 +130,15 @@ def widget_slots(spec):
             if kind == "COMFY_AUTOGROW_V3" or options.get("forceInput"):
                 continue
             if isinstance(kind, list) or kind in WIDGET_TYPES:
-                control = options.get("control_after_generate", kind == "INT" and name in ("seed", "noise_seed"))
-                slots.append((name, input_spec, int(bool(control)) + int(bool(options.get("image_upload")))))
+                extra = int(is_controlled(name, input_spec)) + int(bool(options.get("image_upload")))
+                slots.append((name, input_spec, extra))
     return slots
+
+
+def is_controlled(name, input_spec):
+    """Whether the frontend gives this widget a control_after_generate widget (seeds do by name)."""
+    options = input_spec[1] if len(input_spec) > 1 and isinstance(input_spec[1], dict) else {}
+    return bool(options.get("control_after_generate", input_spec[0] == "INT" and name in ("seed", "noise_seed")))
 
 
 def default_of(input_spec):
@@ -153,6 +161,22 @@ def same_value(saved, shown):
     return saved == shown
 
 
+def invalid(value, input_spec):
+    """Why ``value`` cannot be this widget's (wrong type, out of range, not an option), or ``None``."""
+    kind = input_spec[0]
+    options = input_spec[1] if len(input_spec) > 1 and isinstance(input_spec[1], dict) else {}
+    choices = kind if isinstance(kind, list) else options.get("options") if kind == "COMBO" else None
+    if choices is not None:
+        # An empty list is a folder with no files here (models, input images): any name may be the user's.
+        return None if not choices or value in choices else f"not one of its {len(choices)} options"
+    types = {"INT": int, "FLOAT": (int, float), "STRING": str, "BOOLEAN": bool}[kind]
+    if not isinstance(value, types) or (kind != "BOOLEAN" and isinstance(value, bool)):
+        return f"not a valid {kind}"
+    if kind in ("INT", "FLOAT") and not options.get("min", -math.inf) <= value <= options.get("max", math.inf):
+        return f"outside {options.get('min')}..{options.get('max')}"
+    return None
+
+
 def widget_problems(node, spec, queued):
     """Where the values the frontend would queue for ``node`` differ from its saved ``widgets_values``."""
     slots = widget_slots(spec)
@@ -160,6 +184,7 @@ def widget_problems(node, spec, queued):
     if slots is None or isinstance(values, dict):  # dynamic inputs, or values saved by name (some packs' nodes)
         return [], True
     linked = {slot.get("widget", {}).get("name") for slot in node.get("inputs", []) if slot.get("link") is not None}
+    controlled = {name for name, input_spec, _ in slots if is_controlled(name, input_spec)}
     problems = []
     index = 0
     for name, input_spec, extra in slots:
@@ -168,6 +193,12 @@ def widget_problems(node, spec, queued):
             expected, origin = values[index], f"widgets_values[{index}]"
         else:
             expected, origin = default_of(input_spec), "the default (not saved)"
+        why = invalid(expected, input_spec) if index < len(values) else None
+        if why:
+            problems.append(f"{origin} = {expected!r} is {why} of {name}: are the values shifted?")
+        if extra and index + 1 < len(values) and name in controlled and values[index + 1] not in CONTROL_VALUES:
+            problems.append(f"widgets_values[{index + 1}] = {values[index + 1]!r} is not a control after generate "
+                            f"of {name}: are the values shifted?")
         index += 1 + extra
         if name in linked:
             if not isinstance(shown, list):
@@ -257,8 +288,8 @@ def fit_view(page):
         x1 = Math.max(x1, n.pos[0] + n.size[0]); y1 = Math.max(y1, n.pos[1] + n.size[1]);
       }
       // Clear of the side bar on the left and the tabs and run bar at the top.
-      const ds = canvas.ds, el = canvas.canvas, left = 90, top = 120, margin = 30;
-      const w = el.width / (window.devicePixelRatio || 1), h = el.height / (window.devicePixelRatio || 1);
+      const ds = canvas.ds, left = 90, top = 120, margin = 30;
+      const {width: w, height: h} = canvas.canvas.getBoundingClientRect();  // CSS pixels, whatever the scale
       ds.scale = Math.min((w - left - margin) / (x1 - x0), (h - top - margin) / (y1 - y0));
       ds.offset[0] = left / ds.scale - x0; ds.offset[1] = top / ds.scale - y0;
       canvas.setDirty(true, true); canvas.draw(true, true);
