@@ -43,12 +43,12 @@ CHROMIUM = "/usr/bin/chromium"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 SERVER_START_S = 300
-# Screenshots need a large view: below about half scale the newer frontends draw nodes without text.
 SCREENSHOT_VIEWPORT = {"width": 2400, "height": 1500}
 # Thumbnails (as the template browser shows them) are a 1600x1000 view drawn at half scale.
 THUMBNAIL_VIEWPORT = {"width": 1600, "height": 1000}
-# First-visit dialogs and the minimap would cover the graph.
-SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False}
+# First-visit dialogs and the minimap would cover the graph; zoomed out to fit a template, the frontend would
+# draw nodes without their text (level of detail), which the old thumbnails show.
+SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "LiteGraph.Canvas.MinFontSizeForLOD": 0}
 
 # Read in the page after a workflow loads: the prompt the frontend would queue and every node's box.
 READ_GRAPH_JS = """async () => {
