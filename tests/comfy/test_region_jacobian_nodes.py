@@ -80,12 +80,41 @@ def test_the_example_workflow_runs_under_the_executor(host):
     host.TINY_MODEL_KIND["kind"] = "eps"
     prompt = host.load_workflow("region_direction_edit", 6)
     host.node_of(prompt, "RegionJacobianDirection")["inputs"]["iterations"] = 5
-    # The graph's region, a 256-pixel square at (128, 128) for a 512-pixel image, scaled to the tiny 64-pixel one.
-    host.node_of(prompt, "MaskComposite")["inputs"].update(x=16, y=16)
-    square = next(node for node in prompt.values() if node["class_type"] == "SolidMask" and node["inputs"]["value"] == 1)
-    square["inputs"].update(width=32, height=32)
+    # The graph builds its region relative to the image, so it runs as shipped on the tiny 64-pixel image.
     captured = host.run_prompt(prompt)
     assert torch.isfinite(captured["output"]["samples"]).all()
+
+
+def run_subgraph(prompt, node_id, given):
+    """Output 0 of ``node_id`` in an API prompt, running its inputs' nodes; ``given`` holds outputs by node id."""
+    import nodes
+    if node_id in given:
+        return given[node_id]
+    spec = prompt[node_id]
+    inputs = {name: run_subgraph(prompt, value[0], given)[value[1]] if isinstance(value, list) else value
+              for name, value in spec["inputs"].items()}
+    cls = nodes.NODE_CLASS_MAPPINGS[spec["class_type"]]
+    if hasattr(cls, "GET_SCHEMA"):  # a V3 node, run as the executor does: a clone holding its hidden inputs
+        outputs = cls.PREPARE_CLASS_CLONE(None).execute(**inputs).result
+    else:
+        outputs = getattr(cls(), cls.FUNCTION)(**inputs)
+    given[node_id] = outputs
+    return outputs
+
+
+@pytest.mark.parametrize("height, width", [(64, 64), (40, 72), (512, 512)])
+def test_the_example_workflows_region_is_the_middle_half_of_any_image(host, height, width):
+    """The mask the template builds, at any image size: a square placed in pixels failed on images of 128 or less."""
+    prompt = host.load_workflow("region_direction_edit", 1)
+    mask_source = host.node_of(prompt, "RegionJacobianDirection")["inputs"]["mask"]
+    image_node = next(key for key, node in prompt.items() if node["class_type"] == "TinyImage")
+    mask = run_subgraph(prompt, mask_source[0], {image_node: (torch.rand(1, height, width, 3),)})[mask_source[1]]
+    assert mask.shape == (1, height, width) and set(mask.unique().tolist()) == {0.0, 1.0}
+    rows, columns = mask[0].nonzero().unbind(1)
+    # Nearest-neighbour scaling puts each edge of the middle half within a pixel of a quarter of the size.
+    for indices, size in ((rows, height), (columns, width)):
+        assert abs(indices.min().item() - size / 4) <= 1 and abs(indices.max().item() + 1 - 3 * size / 4) <= 1
+    assert mask.sum().item() == (rows.max() - rows.min() + 1).item() * (columns.max() - columns.min() + 1).item()
 
 
 def tiny_flux():
