@@ -59,7 +59,8 @@ class NGDMWeightMap(io.ComfyNode):
                                        "calls, the same map); a model with a CFG patch is guided in full. In change "
                                        "mode, the guidance of the cheap edit."),
                 io.Float.Input("smoothing", default=1.0, min=0.0, max=16.0, step=0.1,
-                               tooltip="Gaussian blur of the difference map, in latent pixels (ngdm mode only)."),
+                               tooltip="Gaussian blur of the difference map (ngdm mode) or of the change (change mode), in latent "
+                                       "pixels."),
                 io.Float.Input("a", default=10.0, min=0.01, max=100.0, step=0.1,
                                tooltip="Sigmoid gain a in Lambda = sigmoid(a*A - b), A the normalised difference map. "
                                        "Larger a edits more (ngdm mode only)."),
@@ -70,7 +71,8 @@ class NGDMWeightMap(io.ComfyNode):
                                tooltip="ngdm: the soft map. diffedit: DiffEdit's binary mask, for comparison. change "
                                        "(not in the paper): a short edit-friendly edit under the target first, then "
                                        "Lambda = 1 where it changed the source (smoothed, thresholded, holes filled), "
-                                       "0 elsewhere; costs 2 x change_steps guided model calls."),
+                                       "0 elsewhere, or graded by the size of the change (change_softness); costs "
+                                       "2 x change_steps guided model calls per edit (change_edits)."),
                 io.Boolean.Input("zero_floor", default=False, optional=True,
                                  tooltip="ngdm mode: rescale the sigmoid so the least-changed pixels get exactly 0 "
                                          "and stay the source (a departure from the paper, whose Lambda never "
@@ -80,6 +82,14 @@ class NGDMWeightMap(io.ComfyNode):
                 io.Float.Input("change_threshold", default=0.2, min=0.0, max=0.99, step=0.01, optional=True,
                                tooltip="change mode: a pixel is in the map where the (smoothed) change reaches this "
                                        "fraction of the item's largest change."),
+                io.Int.Input("change_edits", default=1, min=1, max=16, optional=True,
+                             tooltip="change mode: cheap edits whose changes are averaged, each with its own noises, "
+                                     "run as one batch (costs change_edits x 2 x change_steps guided model calls). "
+                                     "Averaging keeps what every edit changes and drops what one edit's noise moved."),
+                io.Float.Input("change_softness", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="change mode: 0 gives a binary map. Above 0, Lambda is graded by the size of the "
+                                       "change, (change - change_threshold) / change_softness clamped to [0, 1], so "
+                                       "NGDM starts the most-changed pixels first and the barely-changed ones late."),
             ],
             outputs=[
                 io.Mask.Output(display_name="weight_map", tooltip="Lambda at image resolution, for previews and mask nodes."),
@@ -90,7 +100,7 @@ class NGDMWeightMap(io.ComfyNode):
     @classmethod
     def execute(cls, model, latent, source_conditioning, target_conditioning, negative, seed, num_maps,
                 encode_strength, cfg, smoothing, a, b, mode, zero_floor=False, change_steps=10,
-                change_threshold=0.2) -> io.NodeOutput:
+                change_threshold=0.2, change_edits=1, change_softness=0.0) -> io.NodeOutput:
         samples = latent["samples"]
         require_pixelwise_latent("latent", model, samples)
         for name, conditioning in (("source_conditioning", source_conditioning),
@@ -107,7 +117,8 @@ class NGDMWeightMap(io.ComfyNode):
             weights = change_weight_map(guided_denoiser(model, negative, cfg, seed), source, source_conditioning,
                                         target_conditioning, edit_sigmas(model_sampling, change_steps, encode_strength),
                                         smoothing, change_threshold, kind, torch.Generator().manual_seed(seed),
-                                        progress_reporter(2 * change_steps)).cpu()
+                                        progress_reporter(2 * change_steps), edits=change_edits,
+                                        softness=change_softness).cpu()
         else:
             max_batch = seeds_per_call(model, sampled.shape, num_maps)
             map_cfg = 1.0 if cfg != 0 and not any(key in model.model_options for key in CFG_CHANGING_OPTIONS) else cfg
