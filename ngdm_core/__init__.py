@@ -10,6 +10,7 @@ _MODULE_OF = {
     "GaussianDenoiser": "denoisers", "classifier_free_guidance": "denoisers",
     "per_pixel_time_denoiser": "ngdm", "power_law_start_sigmas": "ngdm", "sample_per_pixel_time": "ngdm",
     "start_sigmas": "ngdm", "started": "ngdm", "weight_map": "ngdm", "change_weight_map": "change_map",
+    "masked_denoiser": "masked", "sample_masked": "masked",
     "SAMPLERS": "samplers", "sample_dpmpp_2m": "samplers", "sample_euler": "samplers",
     "sample_euler_ancestral": "samplers",
     "noise_source": "schedule",

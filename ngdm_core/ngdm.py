@@ -124,6 +124,17 @@ def per_pixel_time_denoiser(model, reference, sigmas: torch.Tensor, start: torch
     return denoise
 
 
+def require_sampling_inputs(source: torch.Tensor, name: str, weights: torch.Tensor, sigmas: torch.Tensor,
+                            noise: torch.Tensor) -> None:
+    """What sampling a source under a per-pixel map needs: a finite source, a map in [0, 1] that fits it, a schedule, one noise."""
+    require_finite_tensor("source", source)
+    require_map_matches(name, weights, source)
+    require_unit_interval(name, weights)
+    require_sigma_schedule("sigmas", sigmas)
+    if noise.shape != source.shape:
+        raise ValueError(f"noise has shape {tuple(noise.shape)} but source has {tuple(source.shape)}")
+
+
 def sample_per_pixel_time(denoiser, source: torch.Tensor, weights: torch.Tensor, sigmas: torch.Tensor,
                           noise: torch.Tensor, cond=None, sampler=sample_euler, mapping: str = "ngdm",
                           parametrization: str = "vp", callback=None, conversions: dict | None = None,
@@ -135,12 +146,7 @@ def sample_per_pixel_time(denoiser, source: torch.Tensor, weights: torch.Tensor,
     ``conversions`` holds :func:`start_sigmas`' ``to_timestep``, ``to_sigma`` and ``sigma_min``
     (the linear mapping needs them); ``start_rule`` is :func:`start_sigmas`'.
     """
-    require_finite_tensor("source", source)
-    require_map_matches("weights", weights, source)
-    require_unit_interval("weights", weights)
-    require_sigma_schedule("sigmas", sigmas)
-    if noise.shape != source.shape:
-        raise ValueError(f"noise has shape {tuple(noise.shape)} but source has {tuple(source.shape)}")
+    require_sampling_inputs(source, "weights", weights, sigmas, noise)
     start = start_sigmas(weights.to(source.dtype), sigmas, mapping, parametrization, **(conversions or {}),
                          start_rule=start_rule)
     model = per_pixel_time_denoiser(lambda x, sigma: denoiser(x, sigma, cond),

@@ -53,8 +53,10 @@ class NGDMWeightMap(io.ComfyNode):
                              tooltip="Seeds the num_maps noises the source is noised with."),
                 io.Int.Input("num_maps", default=10, min=1, max=64,
                              tooltip="Noise seeds averaged into the map; all go through one batched model call per prompt."),
-                io.Float.Input("encode_strength", default=0.5, min=0.01, max=1.0, step=0.01,
-                               tooltip="How far along the schedule the source is noised before comparing the prompts."),
+                io.Float.Input("encode_strength", default=0.7, min=0.01, max=1.0, step=0.01,
+                               tooltip="How far along the schedule the source is noised before comparing the prompts "
+                                       "(ngdm and diffedit modes; 0.5 is the paper's), or where the cheap edit starts "
+                                       "(change mode)."),
                 io.Float.Input("cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance scale of both predictions, against negative. Under "
                                        "plain CFG it only scales the difference, which the map normalises away, so "
@@ -70,20 +72,29 @@ class NGDMWeightMap(io.ComfyNode):
                 io.Float.Input("b", default=5.0, min=-100.0, max=100.0, step=0.1,
                                tooltip="Sigmoid offset b in Lambda = sigmoid(a*A - b): larger b keeps more of the source "
                                        "(ngdm mode only)."),
-                io.Combo.Input("mode", options=[*WEIGHT_MAP_MODES, CHANGE_MODE], default="ngdm",
+                io.Combo.Input("mode", options=[*WEIGHT_MAP_MODES, CHANGE_MODE], default=CHANGE_MODE,
                                tooltip="ngdm: the soft map. diffedit: DiffEdit's binary mask, for comparison. change "
                                        "(not in the paper): a short edit-friendly edit under the target first, then "
                                        "Lambda = 1 where it changed the source (smoothed, thresholded, holes filled), "
-                                       "0 elsewhere; costs 2 x change_steps guided model calls."),
+                                       "0 elsewhere, or graded by the size of the change (change_softness); costs "
+                                       "2 x change_steps guided model calls per edit (change_edits)."),
                 io.Boolean.Input("zero_floor", default=False, optional=True,
                                  tooltip="ngdm mode: rescale the sigmoid so the least-changed pixels get exactly 0 "
                                          "and stay the source (a departure from the paper, whose Lambda never "
                                          "drops below sigmoid(-b), so it re-noises the background a little)."),
-                io.Int.Input("change_steps", default=10, min=1, max=200, optional=True,
+                io.Int.Input("change_steps", default=5, min=1, max=200, optional=True,
                              tooltip="change mode: steps of the cheap edit, from encode_strength down to 0."),
                 io.Float.Input("change_threshold", default=0.2, min=0.0, max=0.99, step=0.01, optional=True,
                                tooltip="change mode: a pixel is in the map where the (smoothed) change reaches this "
                                        "fraction of the item's largest change."),
+                io.Int.Input("change_edits", default=2, min=1, max=16, optional=True,
+                             tooltip="change mode: cheap edits whose changes are averaged, each with its own noises, "
+                                     "run as one batch (costs change_edits x 2 x change_steps guided model calls). "
+                                     "Averaging keeps what every edit changes and drops what one edit's noise moved."),
+                io.Float.Input("change_softness", default=0.2, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="change mode: 0 gives a binary map. Above 0, Lambda is graded by the size of the "
+                                       "change, (change - change_threshold) / change_softness clamped to [0, 1], so "
+                                       "NGDM starts the most-changed pixels first and the barely-changed ones late."),
             ],
             outputs=[
                 io.Mask.Output(display_name="weight_map", tooltip="Lambda at image resolution, for previews and mask nodes."),
@@ -93,8 +104,8 @@ class NGDMWeightMap(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, latent, source_conditioning, target_conditioning, negative, seed, num_maps,
-                encode_strength, cfg, smoothing, a, b, mode, zero_floor=False, change_steps=10,
-                change_threshold=0.2) -> io.NodeOutput:
+                encode_strength, cfg, smoothing, a, b, mode, zero_floor=False, change_steps=5,
+                change_threshold=0.2, change_edits=2, change_softness=0.2) -> io.NodeOutput:
         samples = latent["samples"]
         require_pixelwise_latent("latent", model, samples)
         for name, conditioning in (("source_conditioning", source_conditioning),
@@ -111,7 +122,8 @@ class NGDMWeightMap(io.ComfyNode):
             weights = change_weight_map(guided_denoiser(model, negative, cfg, seed), source, source_conditioning,
                                         target_conditioning, edit_sigmas(model_sampling, change_steps, encode_strength),
                                         smoothing, change_threshold, kind, torch.Generator().manual_seed(seed),
-                                        progress_reporter(2 * change_steps)).cpu()
+                                        progress_reporter(2 * change_steps), edits=change_edits,
+                                        softness=change_softness).cpu()
         else:
             max_batch = items_per_call(model, sampled.shape, num_maps)
             map_cfg = 1.0 if cfg != 0 and not any(key in model.model_options for key in CFG_CHANGING_OPTIONS) else cfg

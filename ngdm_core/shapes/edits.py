@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from ..change_map import change_weight_map
 from ..denoisers import classifier_free_guidance
 from ..edit_friendly import edit, edit_per_pixel_time, first_edit_step, invert_ddim, invert_edit_friendly
+from ..masked import sample_masked
 from ..ngdm import prompt_difference, sample_per_pixel_time
 from ..samplers import sample_euler
 from ..schedule import noise_source
@@ -86,12 +87,18 @@ def map_difference(denoiser, source, source_class, target_class, settings: EditS
                              noise)
 
 
-def change_map(denoiser, source, source_class, target_class, settings: EditSettings, steps: int,
-               indices=None) -> torch.Tensor:
-    """:func:`ngdm_core.change_map.change_weight_map` with each item's own draws, from an edit of ``steps`` steps."""
-    noise = item_noise(source, settings, CHANGE_MAP_NOISE, indices, leading=(steps + 1,))
-    return change_weight_map(guided(denoiser, settings), source, source_class, target_class, denoiser.sigmas(steps),
-                             noise=noise)
+def change_map(denoiser, source, source_class, target_class, settings: EditSettings, steps: int, edits: int = 1,
+               strength: float = 1.0, softness: float = 0.0, indices=None) -> torch.Tensor:
+    """:func:`ngdm_core.change_map.change_weight_map` with each item's own draws, from ``edits`` edits of ``steps`` steps.
+
+    The cheap edits start at ``strength`` of the schedule, over the steps KSampler runs at that
+    denoise (``steps / strength`` steps of the whole schedule, the last ``steps`` of them).
+    """
+    noise = item_noise(source, settings, CHANGE_MAP_NOISE, indices, leading=(edits, steps + 1))
+    noise = noise.transpose(0, 1).reshape(steps + 1, edits * source.shape[0], *source.shape[1:])
+    sigmas = denoiser.sigmas(steps if strength >= 1 else int(steps / strength))[-(steps + 1):]
+    return change_weight_map(guided(denoiser, settings), source, source_class, target_class, sigmas, noise=noise,
+                             edits=edits, softness=softness)
 
 
 def sdedit(denoiser, source, target_class, settings: EditSettings, strength: float, indices=None) -> torch.Tensor:
@@ -119,6 +126,12 @@ def per_pixel_time(denoiser, source, target_class, weights_map, settings: EditSe
                                  truncated_sigmas(denoiser, settings, start),
                                  item_noise(source, settings, START_NOISE, indices), target_class, mapping=mapping,
                                  conversions=denoiser.timestep_conversions(), start_rule=start_rule)
+
+
+def masked_sampling(denoiser, source, target_class, mask, settings: EditSettings, start: float = 1.0, indices=None):
+    """ComfyUI's SetLatentNoiseMask + KSampler from ``start`` of the schedule (KSampler's denoise), the same noise as NGDM's."""
+    return sample_masked(guided(denoiser, settings), source, mask, truncated_sigmas(denoiser, settings, start),
+                         item_noise(source, settings, START_NOISE, indices), target_class, max_denoise=start >= 1)
 
 
 def invert(denoiser, source, source_class, settings: EditSettings, skip: float, indices=None):

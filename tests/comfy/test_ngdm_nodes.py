@@ -143,7 +143,8 @@ def test_change_mode_maps_where_a_cheap_edit_changed_the_source(host):
     latent = {"samples": torch.randn(1, 4, host.LATENT_SIZE, host.LATENT_SIZE)}
     inputs = dict(model=model, latent=latent, source_conditioning=host.tiny_conditioning("source"),
                   negative=host.tiny_conditioning("negative"), seed=0, num_maps=1, encode_strength=0.6, cfg=5.0,
-                  smoothing=1.0, a=10.0, b=5.0, mode="change", change_steps=3, change_threshold=0.2)
+                  smoothing=1.0, a=10.0, b=5.0, mode="change", change_steps=3, change_threshold=0.2, change_edits=1,
+                  change_softness=0.0)
     mask, out = node(host, "NGDMWeightMap", target_conditioning=host.tiny_conditioning("target"), **inputs)
     weights = out["noise_mask"]
     assert weights.shape == (1, 1, host.LATENT_SIZE, host.LATENT_SIZE)
@@ -156,6 +157,28 @@ def test_change_mode_maps_where_a_cheap_edit_changed_the_source(host):
     assert host.progress_updates_and_cancel(
         lambda: node(host, "NGDMWeightMap", target_conditioning=host.tiny_conditioning("target"),
                      **inputs)) == 6
+
+
+def test_change_mode_averages_several_edits_in_one_batch_and_grades_the_map_by_the_change(host):
+    model, batch_sizes = host.count_model_calls(host.tiny_model("eps"))
+    inputs = dict(model=model, latent={"samples": torch.randn(1, 4, host.LATENT_SIZE, host.LATENT_SIZE)},
+                  source_conditioning=host.tiny_conditioning("source"), target_conditioning=host.tiny_conditioning("target"),
+                  negative=host.tiny_conditioning("negative"), seed=0, num_maps=1, encode_strength=0.6, cfg=5.0,
+                  smoothing=1.0, a=10.0, b=5.0, mode="change", change_steps=3, change_threshold=0.2)
+    _, binary = node(host, "NGDMWeightMap", **inputs, change_edits=1, change_softness=0.0)
+    _, graded = node(host, "NGDMWeightMap", **inputs, change_edits=1, change_softness=0.3)
+    # Graded by the change where it passes the threshold, on the binary map's support.
+    values = graded["noise_mask"]
+    assert ((values > 0) & (values < 1)).any()
+    assert torch.equal((values > 0).to(values.dtype), binary["noise_mask"])
+    batch_sizes.clear()
+    # Without the two widgets (an API prompt that leaves them out), their defaults: two edits, graded.
+    _, averaged = node(host, "NGDMWeightMap", **inputs)
+    # Two edits in one batch: every call holds both, guided (cond and uncond).
+    assert batch_sizes == [4] * 6
+    averaged = averaged["noise_mask"]
+    assert averaged.shape == binary["noise_mask"].shape and ((averaged > 0) & (averaged < 1)).any()
+    assert not torch.equal(averaged, values)
 
 
 def test_bad_input_is_refused_with_the_inputs_name(host):

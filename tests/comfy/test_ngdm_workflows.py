@@ -23,4 +23,5 @@ def test_workflow_runs_as_shipped(host, name):
     weights = captured["output"]["noise_mask"]
     assert weights.shape == (1, 1, host.LATENT_SIZE, host.LATENT_SIZE)
     assert torch.isfinite(captured["output"]["samples"]).all()
-    assert 0 < weights.min() and weights.max() < 1
+    # As shipped, the change map: graded by the size of the change, exactly 0 where the cheap edits changed too little.
+    assert weights.min() == 0 and ((weights > 0) & (weights < 1)).any()
