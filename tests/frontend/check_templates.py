@@ -161,14 +161,19 @@ def same_value(saved, shown):
     return saved == shown
 
 
+USER_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".png", ".jpg", ".jpeg", ".webp")
+
+
 def invalid(value, input_spec):
     """Why ``value`` cannot be this widget's (wrong type, out of range, not an option), or ``None``."""
     kind = input_spec[0]
     options = input_spec[1] if len(input_spec) > 1 and isinstance(input_spec[1], dict) else {}
     choices = kind if isinstance(kind, list) else options.get("options") if kind == "COMBO" else None
     if choices is not None:
-        # An empty list is a folder with no files here (models, input images): any name may be the user's.
-        return None if not choices or value in choices else f"not one of its {len(choices)} options"
+        # A file the user supplies (a model, an input image) is listed only where it is installed: this server
+        # has none, so its list is empty or holds only built-in entries (VAELoader's "pixel_space").
+        user_file = isinstance(value, str) and value.lower().endswith(USER_FILE_SUFFIXES)
+        return None if not choices or user_file or value in choices else f"not one of its {len(choices)} options"
     types = {"INT": int, "FLOAT": (int, float), "STRING": str, "BOOLEAN": bool}[kind]
     if not isinstance(value, types) or (kind != "BOOLEAN" and isinstance(value, bool)):
         return f"not a valid {kind}"
