@@ -6,7 +6,7 @@ reference latents for Qwen-Image-Edit, both for FLUX.1 Kontext. "works" means th
 property holds there (below); "refuses (x)" means it stops with an error that names input x. A
 family no test builds is "not tested" in the table, and this test checks that it says so.
 
-- NGDMWeightMap: Lambda in the latent's shape, inside (0, 1) in ngdm mode and binary in change mode.
+- NGDMWeightMap: Lambda in the latent's shape, inside (0, 1) in ngdm mode and in [0, 1] in change mode.
 - PerPixelTimeSampler, PerPixelTimeModel: the output is the source where Lambda = 0 (up to
   float32 rounding) and moves where Lambda = 1.
 - EditFriendlyInvert: replayed under the source conditioning, it reconstructs the source.
@@ -93,8 +93,9 @@ def weight_map_works(fam):
         if mode == "ngdm":
             assert 0 < weights.min() and weights.max() < 1
         else:
-            # Binary; it may be empty: some tiny models' three-step edit changes nothing above the floor.
-            assert ((weights == 0) | (weights == 1)).all()
+            # Graded by the change's size (the default change_softness), so in [0, 1]; it may be all 0: some tiny
+            # models' three-step edit changes nothing above the threshold.
+            assert 0 <= weights.min() and weights.max() <= 1
 
 
 def per_pixel_time_sampler_works(fam):
