@@ -483,7 +483,7 @@ def run_prompt(prompt):
     if not valid:
         raise RuntimeError(f"invalid prompt: {error} {node_errors}")
     executor = execution.PromptExecutor(_StubServer(), cache_type=execution.CacheType.CLASSIC,
-                                        cache_args={"lru": 0, "ram": 0})
+                                        cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
     executor.execute(prompt, prompt_id, {}, outputs)
     if not executor.success:
         errors = [data for event, data in executor.status_messages if event == "execution_error"]
