@@ -1,7 +1,8 @@
 NODE_IDS = ("NGDMWeightMap", "PerPixelTimeSampler", "PerPixelTimeModel", "EditFriendlyInvert",
             "EdgePreservingNoise", "EdgePreservingSampler",
             "RegionJacobianDirection", "ApplyRegionDirection",
-            "RectifierTrain", "RectifierLoader", "RectifierApply")
+            "RectifierTrain", "RectifierLoader", "RectifierApply",
+            "NGDMShapesModelLoader", "NGDMShapesClass", "NGDMShapesSource")
 
 
 def test_comfyui_loads_the_pack_and_registers_its_nodes(host):
@@ -19,4 +20,6 @@ def test_the_example_workflows_are_served_as_templates(host):
     assert names == ["edge_preserving_stroke_img2img.json", "edit_friendly_edit.json", "flux_kontext_confined_edit.json",
                      "flux_ngdm_edit_friendly_edit.json", "ngdm_controlnet_edit.json", "ngdm_edit_friendly_edit.json",
                      "ngdm_ksampler_edit.json", "ngdm_text_edit.json", "qwen_image_edit_confined_edit.json",
-                     "rectifier_edit_training.json", "rectifier_reconstruct_edit.json", "region_direction_edit.json"]
+                     "rectifier_edit_training.json", "rectifier_reconstruct_edit.json", "region_direction_edit.json",
+                     "shapes_edit_friendly_edit.json", "shapes_masked_sampling_comparison.json", "shapes_ngdm_edit.json",
+                     "shapes_ngdm_edit_friendly_edit.json"]

@@ -548,11 +548,16 @@ def _widget_inputs(class_type):
     return widgets
 
 
-def load_workflow(name, steps):
-    """An example workflow as an API prompt; every ``steps`` widget is set to ``steps`` to keep CPU runs short."""
+def load_workflow(name, steps, stand_ins=STAND_INS):
+    """An example workflow as an API prompt; every ``steps`` widget is set to ``steps`` to keep CPU runs short.
+
+    ``stand_ins`` replaces node types (the shapes templates need none: their model ships with the pack).
+    """
     import json
     with open(os.path.join(PACK_ROOT, "example_workflows", f"{name}.json")) as f:
-        prompt = ui_to_api(json.load(f))
+        prompt = ui_to_api(json.load(f), stand_ins)
+    if steps is None:
+        return prompt
     for node in prompt.values():
         if "steps" in node["inputs"]:
             node["inputs"]["steps"] = steps
@@ -611,14 +616,14 @@ def progress_updates_and_cancel(run):
 _MISSING = object()
 
 
-def ui_to_api(workflow):
-    """Convert a UI-format workflow to an API prompt, with the weight-free stand-ins swapped in."""
+def ui_to_api(workflow, stand_ins=STAND_INS):
+    """Convert a UI-format workflow to an API prompt, with the weight-free ``stand_ins`` swapped in."""
     links = {link[0]: link for link in workflow["links"]}
     prompt = {}
     for node in workflow["nodes"]:
         if node["type"] in NOTE_TYPES:
             continue
-        class_type = STAND_INS.get(node["type"], node["type"])
+        class_type = stand_ins.get(node["type"], node["type"])
         inputs = {}
         values = iter(node.get("widgets_values", []))
         for name, has_extra_value in _widget_inputs(class_type):

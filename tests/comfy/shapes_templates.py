@@ -1,0 +1,262 @@
+"""The templates on the shipped shapes model: built here, written to ``example_workflows/``, thumbnails rendered.
+
+    cd <pack> && COMFYUI_PATH=<ComfyUI> python tests/comfy/shapes_templates.py
+
+writes each ``shapes_*.json`` (UI format) and, beside it, the ``.jpg`` of the image the template
+itself produces, run through ComfyUI's executor. Nodes are laid out in columns by their depth in the
+graph and stacked with a gap, each box tall enough for its sockets and every widget (appended ones
+included), so no box overlaps another. The tests run the committed JSON, not this builder's output.
+"""
+
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+STEPS = 20
+CFG = 3.0
+COLUMN_WIDTH, GAP = 380, 40
+SLOT_HEIGHT, WIDGET_HEIGHT, TITLE_HEIGHT = 22, 26, 36
+PREVIEW_SIZE = (300, 300)
+# Previews become capture nodes in the tests: the image a template shows is what they check.
+CAPTURE = "ShapesTemplateCapture"
+CAPTURED_IMAGES = {}
+
+
+class Graph:
+    """A template as nodes with widget values and links ``(node, output slot)``, in insertion order."""
+
+    def __init__(self, note):
+        self.nodes = []
+        self.note = note
+
+    def add(self, node_type, title=None, **inputs):
+        self.nodes.append({"id": len(self.nodes) + 1, "type": node_type, "title": title, "inputs": inputs})
+        return len(self.nodes)
+
+
+def _source_nodes(g, index, source_class, target_class):
+    loader = g.add("NGDMShapesModelLoader")
+    source = g.add("NGDMShapesSource", data_set="held_out", index=index)
+    latent = g.add("VAEEncode", pixels=(source, 0), vae=(loader, 1))
+    classes = {name: g.add("NGDMShapesClass", title=title, class_name=cls) for name, title, cls in (
+        ("source", "Source class", source_class), ("target", "Target class", target_class),
+        ("negative", "Negative (unconditional)", "unconditional"))}
+    return loader, source, latent, classes
+
+
+def _weight_map(g, loader, latent, classes, a=20.0, b=10.0):
+    return g.add("NGDMWeightMap", model=(loader, 0), latent=(latent, 0), source_conditioning=(classes["source"], 0),
+                 target_conditioning=(classes["target"], 0), negative=(classes["negative"], 0), seed=0, num_maps=10,
+                 encode_strength=0.5, cfg=CFG, smoothing=1.0, a=a, b=b, mode="ngdm", zero_floor=False,
+                 change_steps=10, change_threshold=0.2)
+
+
+def _show(g, loader, source, latents):
+    """Decode each latent and preview the source beside the results, as one batch."""
+    images = (source, 0)
+    for latent in latents:
+        decoded = g.add("VAEDecode", samples=latent, vae=(loader, 1))
+        images = (g.add("ImageBatch", image1=images, image2=(decoded, 0)), 0)
+    g.add("PreviewImage", images=images)
+
+
+def ngdm_edit(index=7, source_class="square", target_class="circle"):
+    g = Graph("NGDM on the shapes model: the weight map finds where the target class disagrees with the source, "
+              "and each pixel starts denoising at its own time. The preview shows the source, then the edit.")
+    loader, source, latent, classes = _source_nodes(g, index, source_class, target_class)
+    weights = _weight_map(g, loader, latent, classes)
+    base = g.add("KSamplerSelect", sampler_name="euler")
+    sampler = g.add("PerPixelTimeSampler", sampler=(base, 0), mapping="ngdm", start_rule="first_at_or_below")
+    sigmas = g.add("BasicScheduler", model=(loader, 0), scheduler="simple", steps=STEPS, denoise=0.7)
+    noise = g.add("RandomNoise", noise_seed=0)
+    guider = g.add("CFGGuider", model=(loader, 0), positive=(classes["target"], 0), negative=(classes["negative"], 0),
+                   cfg=CFG)
+    edited = g.add("SamplerCustomAdvanced", noise=(noise, 0), guider=(guider, 0), sampler=(sampler, 0),
+                   sigmas=(sigmas, 0), latent_image=(weights, 1))
+    _show(g, loader, source, [(edited, 0)])
+    return g
+
+
+def _inversion(g, loader, latent, classes, skip=0.2):
+    sigmas = g.add("BasicScheduler", model=(loader, 0), scheduler="simple", steps=STEPS, denoise=1.0)
+    return g.add("EditFriendlyInvert", model=(loader, 0), latent=latent, positive=(classes["source"], 0),
+                 negative=(classes["negative"], 0), sigmas=(sigmas, 0), source_cfg=CFG, eta=1.0, skip=skip, seed=0)
+
+
+def _replay(g, loader, classes, invert, sampler):
+    noise = g.add("DisableNoise")
+    guider = g.add("CFGGuider", model=(loader, 0), positive=(classes["target"], 0), negative=(classes["negative"], 0),
+                   cfg=CFG)
+    return g.add("SamplerCustomAdvanced", noise=(noise, 0), guider=(guider, 0), sampler=sampler,
+                 sigmas=(invert, 2), latent_image=(invert, 1))
+
+
+def edit_friendly(index=7, source_class="square", target_class="circle"):
+    g = Graph("Edit-friendly DDPM inversion on the shapes model: the inversion records noise maps under the source "
+              "class; replayed under the target class they edit the source and keep its structure (with the source "
+              "class they give it back exactly). The preview shows the source, then the edit.")
+    loader, source, latent, classes = _source_nodes(g, index, source_class, target_class)
+    invert = _inversion(g, loader, (latent, 0), classes)
+    edited = _replay(g, loader, classes, invert, (invert, 0))
+    _show(g, loader, source, [(edited, 0)])
+    return g
+
+
+def ngdm_edit_friendly(index=7, source_class="square", target_class="circle"):
+    g = Graph("NGDM over edit-friendly inversion on the shapes model: the weight map's latent (Lambda as its "
+              "noise_mask) is inverted, and PerPixelTimeSampler holds each pixel on the inverted trajectory until "
+              "its start. The preview shows the source, then the edit.")
+    loader, source, latent, classes = _source_nodes(g, index, source_class, target_class)
+    weights = _weight_map(g, loader, latent, classes)
+    invert = _inversion(g, loader, (weights, 1), classes)
+    sampler = g.add("PerPixelTimeSampler", sampler=(invert, 0), mapping="ngdm", start_rule="first_at_or_below")
+    edited = _replay(g, loader, classes, invert, (sampler, 0))
+    _show(g, loader, source, [(edited, 0)])
+    return g
+
+
+def masked_sampling(index=7, source_class="square", target_class="circle"):
+    g = Graph("One weight map, three ways to sample it with KSampler at denoise 0.7: NGDM's per-pixel start times "
+              "(PerPixelTimeModel), ComfyUI's DifferentialDiffusion, and plain masked sampling (SetLatentNoiseMask). "
+              "The preview shows the source, then the three edits in that order.")
+    loader, source, latent, classes = _source_nodes(g, index, source_class, target_class)
+    weights = _weight_map(g, loader, latent, classes)
+    masked = g.add("SetLatentNoiseMask", samples=(latent, 0), mask=(weights, 0))
+    models = [g.add("PerPixelTimeModel", model=(loader, 0), mapping="ngdm", start_rule="first_at_or_below"),
+              g.add("DifferentialDiffusion", model=(loader, 0), strength=1.0), loader]
+    results = []
+    for model, latent_in, title in zip(models, [(weights, 1), (weights, 1), (masked, 0)],
+                                       ["KSampler (NGDM)", "KSampler (DifferentialDiffusion)",
+                                        "KSampler (SetLatentNoiseMask)"]):
+        results.append((g.add("KSampler", title=title, model=(model, 0), seed=0, steps=STEPS, cfg=CFG,
+                              sampler_name="euler", scheduler="simple", positive=(classes["target"], 0),
+                              negative=(classes["negative"], 0), latent_image=latent_in, denoise=0.7), 0))
+    _show(g, loader, source, results)
+    return g
+
+
+TEMPLATES = {"shapes_ngdm_edit": ngdm_edit, "shapes_edit_friendly_edit": edit_friendly,
+             "shapes_ngdm_edit_friendly_edit": ngdm_edit_friendly, "shapes_masked_sampling_comparison": masked_sampling}
+
+
+def _sockets(node_type):
+    """``(widgets, input sockets, outputs)`` of a node type as the host defines it."""
+    import nodes
+    sys.path.insert(0, HERE)
+    import tiny_host
+    cls = nodes.NODE_CLASS_MAPPINGS[node_type]
+    widgets = tiny_host._widget_inputs(node_type)
+    widget_names = {name for name, _ in widgets}
+    definition = cls.INPUT_TYPES()
+    sockets = [(name, spec[0]) for section in ("required", "optional")
+               for name, spec in definition.get(section, {}).items() if name not in widget_names]
+    names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
+    return widgets, sockets, list(zip(names, cls.RETURN_TYPES))
+
+
+def to_ui(graph):
+    """The graph as a UI-format (0.4) workflow, laid out without overlaps."""
+    links, ui_nodes, depth = [], [], {}
+    for node in graph.nodes:
+        parents = [value[0] for value in node["inputs"].values() if isinstance(value, tuple)]
+        depth[node["id"]] = 1 + max((depth[p] for p in parents), default=-1)
+    by_id = {}
+    for node in graph.nodes:
+        widgets, sockets, outputs = _sockets(node["type"])
+        values = []
+        for name, has_extra in widgets:
+            if name not in node["inputs"]:
+                break
+            values.append(node["inputs"][name])
+            if has_extra:
+                values.append("fixed")
+        inputs = []
+        for name, kind in sockets:
+            link = None
+            if name in node["inputs"]:
+                source, slot = node["inputs"][name]
+                link = len(links) + 1
+                links.append([link, source, slot, node["id"], len(inputs), kind])
+            inputs.append({"name": name, "type": kind, "link": link})
+        height = TITLE_HEIGHT + SLOT_HEIGHT * max(len(inputs), len(outputs)) + WIDGET_HEIGHT * len(values) + 10
+        size = list(PREVIEW_SIZE) if node["type"] == "PreviewImage" else [COLUMN_WIDTH - GAP, height]
+        ui = {"id": node["id"], "type": node["type"], "pos": [0, 0], "size": size, "flags": {}, "order": len(ui_nodes),
+              "mode": 0, "inputs": inputs, "outputs": [], "properties": {"Node name for S&R": node["type"]},
+              "widgets_values": values}
+        if node["title"]:
+            ui["title"] = node["title"]
+        ui["outputs"] = [{"name": name, "type": kind, "links": [], "slot_index": slot}
+                         for slot, (name, kind) in enumerate(outputs)]
+        by_id[node["id"]] = ui
+        ui_nodes.append(ui)
+    for link, source, slot, _, _, _ in links:
+        by_id[source]["outputs"][slot]["links"].append(link)
+    tops = {}
+    for ui in ui_nodes:
+        column = depth[ui["id"]]
+        ui["pos"] = [20 + column * COLUMN_WIDTH, tops.get(column, 20)]
+        tops[column] = ui["pos"][1] + ui["size"][1] + GAP
+    note_id = len(ui_nodes) + 1
+    ui_nodes.append({"id": note_id, "type": "Note", "pos": [20, tops.get(0, 20)], "size": [COLUMN_WIDTH - GAP, 220],
+                     "flags": {}, "order": len(ui_nodes), "mode": 0, "inputs": [], "outputs": [], "properties": {},
+                     "widgets_values": [graph.note]})
+    return {"last_node_id": note_id, "last_link_id": len(links), "nodes": ui_nodes, "links": links, "groups": [],
+            "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+
+
+def register_capture():
+    """A stand-in for PreviewImage that keeps the images (by node id) instead of writing files."""
+    import nodes
+    from comfy_api.latest import io
+
+    class ShapesTemplateCapture(io.ComfyNode):
+        @classmethod
+        def define_schema(cls):
+            return io.Schema(node_id=CAPTURE, inputs=[io.Image.Input("images")], outputs=[], is_output_node=True,
+                             hidden=[io.Hidden.unique_id])
+
+        @classmethod
+        def execute(cls, images):
+            CAPTURED_IMAGES[cls.hidden.unique_id] = images.clone()
+            return io.NodeOutput()
+
+    nodes.NODE_CLASS_MAPPINGS[CAPTURE] = ShapesTemplateCapture
+
+
+def run_template(host, name, steps=None):
+    """Run the committed template ``name`` through the executor; returns the images its previews show."""
+    CAPTURED_IMAGES.clear()
+    prompt = host.load_workflow(name, steps, stand_ins={"PreviewImage": CAPTURE})
+    host.run_prompt(prompt)
+    return dict(CAPTURED_IMAGES)
+
+
+def thumbnail(images, scale=6):
+    """The preview's batch side by side, each image scaled up ``scale`` times (nearest), as a PIL image."""
+    import numpy as np
+    from PIL import Image
+    row = np.concatenate(list(images.clamp(0, 1).numpy()), axis=1)
+    picture = Image.fromarray((row * 255).round().astype(np.uint8))
+    return picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+
+
+def main():
+    import tiny_host
+    host = tiny_host.start(os.path.abspath(os.environ["COMFYUI_PATH"]))
+    register_capture()
+    folder = os.path.join(host.PACK_ROOT, "example_workflows")
+    for name, build in TEMPLATES.items():
+        with open(os.path.join(folder, f"{name}.json"), "w") as f:
+            json.dump(to_ui(build()), f, indent=1)
+            f.write("\n")
+        (images,) = run_template(host, name).values()
+        thumbnail(images).convert("RGB").save(os.path.join(folder, f"{name}.jpg"), quality=92)
+        print(name, tuple(images.shape))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, HERE)
+    import torch
+    torch.set_num_threads(1)
+    main()
