@@ -54,11 +54,9 @@ def _weight_map(g, loader, latent, classes, a=20.0, b=10.0):
 
 def _show(g, loader, source, latents):
     """Decode each latent and preview the source beside the results, as one batch."""
-    images = (source, 0)
-    for latent in latents:
-        decoded = g.add("VAEDecode", samples=latent, vae=(loader, 1))
-        images = (g.add("ImageBatch", image1=images, image2=(decoded, 0)), 0)
-    g.add("PreviewImage", images=images)
+    images = [(source, 0)] + [(g.add("VAEDecode", samples=latent, vae=(loader, 1)), 0) for latent in latents]
+    batch = g.add("BatchImagesNode", **{f"images.image{slot}": image for slot, image in enumerate(images)})
+    g.add("PreviewImage", images=(batch, 0))
 
 
 def ngdm_edit(index=7, source_class="square", target_class="circle"):
@@ -171,6 +169,9 @@ def to_ui(graph):
             values.append(node["inputs"][name])
             if has_extra:
                 values.append("fixed")
+        if node["type"] == "BatchImagesNode":
+            # Its inputs grow as they are linked: the linked ones, then the one free slot the frontend adds.
+            sockets = [(name, "IMAGE") for name in node["inputs"]] + [(f"images.image{len(node['inputs'])}", "IMAGE")]
         inputs = []
         for name, kind in sockets:
             link = None
