@@ -90,7 +90,7 @@ def core_edit(host, method, denoiser, model, vae, index, source_class, target_cl
     elif method == "change_map":
         weights = change_map.change_weight_map(guided, source, source_index, target_index,
                                                shapes_host.edit_sigmas(model_sampling, 10, 0.5), 1.0, 0.2, "vp",
-                                               torch.Generator().manual_seed(0))
+                                               torch.Generator().manual_seed(0), edits=2, softness=0.2)
         noise = comfy.sample.prepare_noise(source, 0)
         latent = ngdm.sample_per_pixel_time(guided, source, weights, shapes_host.edit_sigmas(model_sampling, steps, 0.7),
                                             noise, target_index)

@@ -49,7 +49,7 @@ def _weight_map(g, loader, latent, classes, a=20.0, b=10.0):
     return g.add("NGDMWeightMap", model=(loader, 0), latent=(latent, 0), source_conditioning=(classes["source"], 0),
                  target_conditioning=(classes["target"], 0), negative=(classes["negative"], 0), seed=0, num_maps=10,
                  encode_strength=0.5, cfg=CFG, smoothing=1.0, a=a, b=b, mode="ngdm", zero_floor=False,
-                 change_steps=10, change_threshold=0.2)
+                 change_steps=10, change_threshold=0.2, change_edits=2, change_softness=0.2)
 
 
 def _show(g, loader, source, latents):
