@@ -4,8 +4,8 @@
 
 Each held-out source N (data seed 1) is edited into the class ``other_class`` gives it, as the shapes
 templates do (20 Euler steps, CFG 3, NGDM map a=20 b=10 read at half the schedule, denoise 0.7,
-edit-friendly skip 0.2, change map of two averaged 10-step edits graded by softness 0.2, the node's defaults), once as the template's ComfyUI graph through the
-executor, once in ``ngdm_core`` with ``ShapesDenoiser``, and once in the core with ComfyUI's timestep
+edit-friendly skip 0.2, change map of two averaged 10-step edits graded by softness 0.2), once as the
+template's ComfyUI graph through the executor, once in ``ngdm_core`` with ``ShapesDenoiser``, and once in the core with ComfyUI's timestep
 rule (``tests/comfy/shapes_agreement.py`` says why). Figures are max absolute differences in image
 units ([0, 1]), the largest over the sources. Writes ``benchmarks/results/comfy_agreement.md``.
 """
