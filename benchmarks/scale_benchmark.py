@@ -99,12 +99,12 @@ def step_times(run):
     return stamps[-1] - stamps[-2]
 
 
-def recorded_chunk_sizes(module_name):
-    """The items per call the node module ``module_name`` chooses from here on (its ``items_per_call``), as a list."""
+def recorded_results(module_name, function_name="items_per_call"):
+    """What the node module ``module_name``'s function returns from here on (by default the items per call), a list."""
     module = tiny_host.pack_module(module_name)
-    sizing, chosen = module.items_per_call, []
-    module.items_per_call = lambda *args, **kwargs: chosen.append(sizing(*args, **kwargs)) or chosen[-1]
-    return chosen
+    function, returned = getattr(module, function_name), []
+    setattr(module, function_name, lambda *args, **kwargs: returned.append(function(*args, **kwargs)) or returned[-1])
+    return returned
 
 
 def watch_rss(limit_gb):
@@ -174,7 +174,7 @@ def child(args):
             report.update({f"seconds_{label}": min(values) for label, values in times.items()})
             report["seconds"] = report["seconds_bare"]
         elif node == "weight_map":
-            chosen = recorded_chunk_sizes("nodes.ngdm")
+            chosen = recorded_results("nodes.ngdm")
             pack["NGDMWeightMap"].execute(model=model, latent={"samples": samples}, source_conditioning=positive,
                                           target_conditioning=conditioning(name, "target"), negative=negative, seed=0,
                                           num_maps=args.num_maps, encode_strength=0.5, cfg=7.5, smoothing=1.0, a=10.0,
@@ -182,12 +182,15 @@ def child(args):
             report["seconds"] = time.perf_counter() - start
             report["seeds_per_call"] = chosen[0]
         elif node == "region":
-            chosen = recorded_chunk_sizes("nodes.region_jacobian")
+            chosen = recorded_results("nodes.region_jacobian")
+            estimates = recorded_results("nodes.region_jacobian", "jacobian_memory")
             pack["RegionJacobianDirection"].execute(model=model, latent={"samples": samples}, positive=positive,
                                                     mask=mask, probe_percent=0.5, k=3, r=1,
                                                     iterations=args.iterations, seed=0, add_noise=True)
             report["seconds"] = time.perf_counter() - start
             report["vectors_per_call"] = chosen[0]
+            report["estimated_gib_per_vector"], report["estimated_graph_gib"] = (
+                round(value / 2**30, 2) for value in estimates[0])
         elif node == "rectifier_train":
             pack["RectifierTrain"].execute(model=model, latent={"samples": samples}, positive=positive,
                                            steps=args.steps, learning_rate=1e-3, seed=0, filename_prefix="scale",

@@ -292,13 +292,14 @@ def progress_reporter(total):
     return progress
 
 
-def items_per_call(model, shape, count, least_per_item=0):
+def items_per_call(model, shape, count, least_per_item=0, held=0):
     """How many of ``count`` items fit one call of ``model`` on latents of ``shape``: all unless memory is short.
 
     Each item is taken to cost two passes' activations at ``shape`` (a seed's cond and uncond,
     which the guider evaluates together), as ComfyUI estimates them for sampling, or
-    ``least_per_item`` bytes where the caller knows it costs more.
+    ``least_per_item`` bytes where the caller knows it costs more. ``held`` bytes, which the
+    caller allocates after this reads the free memory and keeps through the calls, are set aside.
     """
-    free = comfy.model_management.get_free_memory(model.load_device)
+    free = comfy.model_management.get_free_memory(model.load_device) - held
     per_item = max(model.model.memory_required([2 * shape[0], *shape[1:]]), least_per_item, 1)
     return max(1, min(count, int(free // per_item)))

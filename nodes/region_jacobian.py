@@ -22,9 +22,13 @@ BOTTLENECK = ("output", 0)
 AFTER_BOTTLENECK = ("output_blocks.", "out.")
 # Float32 copies of its largest attention score matrix that one Jacobian product holds at once: a JVP
 # through the softmax carries the scores, the probabilities, their tangents and the temporaries of the
-# softmax's derivative. Measured on CPU (SD1.5's layout at width 64): 0.2 GB per product at a 32x32
-# latent and 3.1 GB at 64x64, against 32 MB and 512 MB for one score matrix (8 heads, float32).
-SCORE_COPIES_PER_PRODUCT = 6
+# softmax's derivative, and the VJP's backward pass its own. Measured on CPU (SD1.5's layout at width 64,
+# a 64x64 latent, one vector per pass, benchmarks/scale_benchmark.py): about 5 GB above the model and the
+# VJP graph, against 0.5 GB for one score matrix (8 heads, float32).
+SCORE_COPIES_PER_PRODUCT = 10
+# The products take at most this share of the memory free once the VJP graph is built: free memory is
+# read once, before a search that runs for minutes, and on a CPU it is the machine's, shared with others.
+PRODUCT_SHARE_OF_FREE = 0.5
 RegionDirectionsType = io.Custom("REGION_DIRECTIONS")
 
 
@@ -170,29 +174,39 @@ def bottleneck_function(model, x, sigma, positive):
     return f, captured["h"]
 
 
-def product_memory(diffusion_model, f, h):
-    """Bytes one Jacobian product of ``f`` at ``h`` takes: its largest attention score matrix, times the copies held.
+def jacobian_memory(diffusion_model, f, h):
+    """``(per_product, graph)``: bytes one Jacobian product of ``f`` at ``h`` takes, and bytes its VJP graph holds.
 
     The products materialise each attention's whole score matrix (heads x query x key tokens),
     whatever chunking the host's attention does for plain inference; this dominates their memory.
+    The graph is what autograd saves of ``f``'s forward pass for the reverse-mode products (the
+    activations that depend on ``h``), built once and kept through the whole search. Both are
+    found in one forward pass that records the attention sizes and drops each saved tensor as it
+    comes, so the graph is counted without being held.
     """
-    sizes = [0]
+    sizes, saved = [0], {}
 
     def record(module, args, kwargs):
         x = args[0]
         context = args[1] if len(args) > 1 else kwargs.get("context")
         sizes.append(module.heads * x.shape[-2] * (x if context is None else context).shape[-2])
 
+    def count(tensor):
+        if tensor.requires_grad:  # an activation of h; weights and inputs are held anyway
+            storage = tensor.untyped_storage()
+            saved[storage.data_ptr()] = storage.nbytes()
+
     layers = [module for module in diffusion_model.modules()
               if isinstance(module, comfy.ldm.modules.attention.CrossAttention)]
     hooks = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in layers]
     try:
-        with torch.inference_mode(False), torch.no_grad():
-            f(h)
+        with torch.inference_mode(False), torch.enable_grad(), \
+                torch.autograd.graph.saved_tensors_hooks(count, lambda _: None):
+            f(h.clone().requires_grad_())
     finally:
         for hook in hooks:
             hook.remove()
-    return SCORE_COPIES_PER_PRODUCT * max(sizes) * torch.finfo(torch.float32).bits // 8
+    return SCORE_COPIES_PER_PRODUCT * max(sizes) * torch.finfo(torch.float32).bits // 8, sum(saved.values())
 
 
 def latent_mask(mask, latent):
@@ -274,8 +288,9 @@ class RegionJacobianDirection(io.ComfyNode):
         region = latent_mask(mask, x)
         f, h = bottleneck_function(model, x, sigma, positive)
         # The largest block of products: the ratio search's VJP of its k + guard vectors, inside and outside.
+        per_product, graph = jacobian_memory(diffusion_model, f, h)
         max_batch = items_per_call(model, x.shape, 2 * (k + GUARD_VECTORS),
-                                   least_per_item=product_memory(diffusion_model, f, h))
+                                   least_per_item=per_product / PRODUCT_SHARE_OF_FREE, held=graph)
         # The core reports the total over all its searches with every update.
         found = region_directions(f, h, region, k=k, confinement=confinement, r=r, ridge=ridge, max_iter=iterations,
                                   seed=seed, progress=progress_reporter(iterations), max_batch=max_batch)
