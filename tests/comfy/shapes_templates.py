@@ -68,8 +68,7 @@ def ngdm_edit(index=7, source_class="square", target_class="circle"):
     sampler = g.add("PerPixelTimeSampler", sampler=(base, 0), mapping="ngdm", start_rule="first_at_or_below")
     sigmas = g.add("BasicScheduler", model=(loader, 0), scheduler="simple", steps=STEPS, denoise=0.7)
     noise = g.add("RandomNoise", noise_seed=0)
-    guider = g.add("CFGGuider", model=(loader, 0), positive=(classes["target"], 0), negative=(classes["negative"], 0),
-                   cfg=CFG)
+    guider = _target_guider(g, loader, classes)
     edited = g.add("SamplerCustomAdvanced", noise=(noise, 0), guider=(guider, 0), sampler=(sampler, 0),
                    sigmas=(sigmas, 0), latent_image=(weights, 1))
     _show(g, loader, source, [(edited, 0)])
@@ -82,10 +81,14 @@ def _inversion(g, loader, latent, classes, skip=0.2):
                  negative=(classes["negative"], 0), sigmas=(sigmas, 0), source_cfg=CFG, eta=1.0, skip=skip, seed=0)
 
 
+def _target_guider(g, loader, classes):
+    return g.add("CFGGuider", model=(loader, 0), positive=(classes["target"], 0), negative=(classes["negative"], 0),
+                 cfg=CFG)
+
+
 def _replay(g, loader, classes, invert, sampler):
     noise = g.add("DisableNoise")
-    guider = g.add("CFGGuider", model=(loader, 0), positive=(classes["target"], 0), negative=(classes["negative"], 0),
-                   cfg=CFG)
+    guider = _target_guider(g, loader, classes)
     return g.add("SamplerCustomAdvanced", noise=(noise, 0), guider=(guider, 0), sampler=sampler,
                  sigmas=(invert, 2), latent_image=(invert, 1))
 
