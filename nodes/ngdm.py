@@ -252,11 +252,14 @@ def keep_mask_function(function):
 
     ComfyUI keeps one denoise_mask_function per model, and DifferentialDiffusion (or any later
     patch) would overwrite PerPixelTimeModel's silently. Wrappers survive its clone, so this
-    one sees the replacement when sampling starts.
+    one sees the replacement when sampling starts. A clone by any later node (a LoRA loader,
+    a counter) keeps the function, but ComfyUI 0.8's clone deep-copies ``model_options``, so
+    the function is recognised by what it is, not by identity.
     """
     def check(executor, *args, **kwargs):
         model_options = executor.class_obj.model_options
-        if model_options.get("denoise_mask_function") is not function:
+        current = model_options.get("denoise_mask_function")
+        if getattr(current, "func", None) is not function.func or current.keywords != function.keywords:
             owner = mask_function_owner(model_options) or "another node"
             raise ValueError(f"model: {owner} replaced PerPixelTimeModel's denoise_mask_function after it, and only "
                              f"one can turn the noise_mask into per-step masks: remove {owner}{_linear_hint(owner)} "

@@ -42,6 +42,16 @@ def test_sampler_and_model_patch_agree_for_a_deterministic_sampler(host):
     assert (from_sampler - from_patch).abs().max().item() < 0.05 * from_sampler.abs().max().item()
 
 
+def test_the_model_patch_survives_a_later_nodes_clone(host):
+    # A node after PerPixelTimeModel (a LoRA loader, an evaluation counter) clones the model, and
+    # ComfyUI 0.8's clone deep-copies model_options: the patch must still know its own function.
+    weights = torch.rand(1, 1, host.LATENT_SIZE, host.LATENT_SIZE, generator=torch.Generator().manual_seed(0))
+    (patched,) = node(host, "PerPixelTimeModel", model=host.tiny_model("eps"), mapping="ngdm")
+    *_, direct = host.sample_with_weights(patched, sampler("euler"), weights)
+    *_, cloned = host.sample_with_weights(patched.clone(), sampler("euler"), weights)
+    assert torch.equal(direct, cloned)
+
+
 def test_linear_mapping_matches_differential_diffusion(host):
     weights = torch.rand(1, 1, host.LATENT_SIZE, host.LATENT_SIZE, generator=torch.Generator().manual_seed(1))
     model = host.tiny_model("eps")
