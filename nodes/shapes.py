@@ -27,14 +27,14 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock, UNetModel
 from comfy_api.latest import io
 from safetensors import SafetensorError
 
-from ..ngdm_core.shapes.catalog import CLASSES, HELD_OUT_SEED, IMAGE_SIZE, TRAINING_SEED
+from ..ngdm_core.shapes.catalog import BENCHMARK_SEED, CLASSES, HELD_OUT_SEED, IMAGE_SIZE, TRAINING_SEED
 from ..ngdm_core.shapes.data import render
 from ..ngdm_core.shapes.model import NULL_CLASS, UNET_FILE, ShapesUNet, load_model
 from .host import CATEGORY
 
 UNCONDITIONAL = "unconditional"
 CLASS_NAMES = (*CLASSES, UNCONDITIONAL)
-SETS = {"held_out": HELD_OUT_SEED, "training": TRAINING_SEED}
+SETS = {"held_out": HELD_OUT_SEED, "training": TRAINING_SEED, "benchmark": BENCHMARK_SEED}
 # UNetModel's config for the shapes model; model_channels is the config's 32, the time embedding 64 wide.
 UNET_CONFIG = {
     "image_size": IMAGE_SIZE, "in_channels": 3, "out_channels": 3, "model_channels": 32, "num_res_blocks": 1,
@@ -230,8 +230,8 @@ class ShapesSource(io.ComfyNode):
                         "source to edit with nothing to load or paint. The data set is procedural; an item is the "
                         "same on every machine.",
             inputs=[io.Combo.Input("data_set", options=list(SETS), default="held_out",
-                                   tooltip="data_set: held_out (never seen in training, as the benchmarks use) or "
-                                           "training."),
+                                   tooltip="data_set: held_out (never seen in training, as the tests and the "
+                                           "templates use), training, or benchmark (the quality benchmarks' sources)."),
                     io.Int.Input("index", default=0, min=0, max=0xFFFFFFFF,
                                  tooltip="index: the item of the set.")],
             outputs=[io.Image.Output(display_name="image", tooltip="image: the 32x32 source, in [0, 1]."),

@@ -61,11 +61,16 @@ def item_indices(source: torch.Tensor, indices=None) -> list[int]:
     return list(range(source.shape[0])) if indices is None else [int(index) for index in indices]
 
 
+def item_seed(settings: EditSettings, index: int, purpose: int) -> int:
+    """The seed of item ``index``'s draws for ``purpose``; a ComfyUI node given it as its seed draws the same noise."""
+    return int(np.random.SeedSequence([settings.seed, index, purpose]).generate_state(1)[0])
+
+
 def item_noise(source: torch.Tensor, settings: EditSettings, purpose: int, indices=None, leading=()) -> torch.Tensor:
     """Standard normal noise of shape ``(*leading, *source.shape)``, each item's drawn from its own generator."""
     draws = []
     for index in item_indices(source, indices):
-        seed = int(np.random.SeedSequence([settings.seed, index, purpose]).generate_state(1)[0])
+        seed = item_seed(settings, index, purpose)
         draws.append(torch.randn((*leading, *source.shape[1:]), generator=torch.Generator().manual_seed(seed)))
     return torch.stack(draws, dim=len(leading)).to(source)
 
