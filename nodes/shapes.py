@@ -9,9 +9,11 @@ with no retraining, into :class:`ShapesUNetModel`, a small subclass of ComfyUI's
 - its ResBlocks add ``Linear(emb)`` with no SiLU before it;
 - the class enters as a one-hot ``y`` through ``label_emb = Linear(4, 128, bias=False)``.
 
-ComfyUI's U-Net has one more output block per level than ``ShapesUNet``; those are pass-through (a
-1x1 skip ``[I | 0]`` and a zero residual), and the upsampling convs are identity kernels, so the eps
-is ``ShapesUNet``'s exactly. The x0 clamp to [-1, 1] of ``ShapesDenoiser`` lives in
+ComfyUI's U-Net has one more output block per level than ``ShapesUNet``, and a conv after each
+upsampling, which ``ShapesUNet`` has not: those blocks keep the first channels of their input (what a
+1x1 skip ``[I | 0]`` with a zero residual would compute) and the upsamplings have no conv, so the eps
+is ``ShapesUNet``'s exactly and costs what ``ShapesUNet``'s does (with the weights that compute
+nothing, a forward took 1.6 times as long). The x0 clamp to [-1, 1] of ``ShapesDenoiser`` lives in
 :meth:`ShapesBaseModel._apply_model`, on each conditioning branch before CFG, as the core's is; the
 model sampling stays ComfyUI's stock discrete EPS one.
 """
@@ -23,7 +25,7 @@ import comfy.model_patcher
 import comfy.sd
 import comfy.supported_models_base
 import torch
-from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock, UNetModel
+from comfy.ldm.modules.diffusionmodules.openaimodel import ResBlock, UNetModel, Upsample
 from comfy_api.latest import io
 from safetensors import SafetensorError
 
@@ -52,8 +54,7 @@ BLOCKS = {"input": "input_blocks.0.0", "down.0": "input_blocks.1.0", "downsample
           "time_mlp.2": "time_embed.2"}
 RESBLOCK_LAYERS = {"norm1": "in_layers.0", "conv1": "in_layers.2", "embedding": "emb_layers.1",
                    "norm2": "out_layers.0", "conv2": "out_layers.3", "skip": "skip_connection"}
-PASS_THROUGH_BLOCKS = ("output_blocks.1.0.", "output_blocks.3.0.", "output_blocks.5.0.")
-IDENTITY_UPSAMPLES = ("output_blocks.1.1.conv.", "output_blocks.3.1.conv.")
+PASS_THROUGH_BLOCKS = (1, 3, 5)
 
 
 def _eight_group_operations(operations):
@@ -63,6 +64,17 @@ def _eight_group_operations(operations):
             super().__init__(GROUPS, *args, **kwargs)
 
     return type("ShapesOperations", (operations,), {"GroupNorm": GroupNorm})
+
+
+class FirstChannels(torch.nn.Module):
+    """Stands in for a pass-through output block: the first ``channels`` of its input (h, before the skip)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.channels = channels
+
+    def forward(self, x):
+        return x[:, :self.channels]
 
 
 class ShapesUNetModel(UNetModel):
@@ -78,6 +90,13 @@ class ShapesUNetModel(UNetModel):
         for module in self.modules():
             if isinstance(module, ResBlock):
                 module.emb_layers[0] = torch.nn.Identity()
+        for index in PASS_THROUGH_BLOCKS:
+            block = self.output_blocks[index]
+            block[0] = FirstChannels(block[0].out_channels)
+            for layer in block[1:]:
+                if isinstance(layer, Upsample):
+                    layer.use_conv = False
+                    del layer.conv
 
 
 class ShapesLatentFormat(comfy.latent_formats.ChromaRadiance):
@@ -112,8 +131,8 @@ class ShapesBaseModel(comfy.model_base.BaseModel):
         return embedding.reshape(embedding.shape[0], NULL_CLASS + 1)
 
 
-def comfy_state_dict(shapes_state: dict, target: dict) -> dict:
-    """``ShapesUNet``'s weights under ``UNetModel``'s keys; ``target`` (the new model's state) gives the extra blocks."""
+def comfy_state_dict(shapes_state: dict) -> dict:
+    """``ShapesUNet``'s weights under ``UNetModel``'s keys."""
     state = {}
     for key, value in shapes_state.items():
         if key == "class_embedding.weight":
@@ -125,22 +144,6 @@ def comfy_state_dict(shapes_state: dict, target: dict) -> dict:
         rest = key[len(prefix) + 1:]
         layer = rest.split(".")[0]
         state[f"{found}.{RESBLOCK_LAYERS.get(layer, layer)}{rest[len(layer):]}"] = value
-    for key, value in target.items():
-        if key.startswith(PASS_THROUGH_BLOCKS):
-            if key.endswith("skip_connection.weight"):
-                out_channels = value.shape[0]
-                passed = torch.zeros_like(value)
-                passed[:, :out_channels, 0, 0] = torch.eye(out_channels)  # h comes first in the concatenation
-                state[key] = passed
-            elif ".in_layers.0." in key or ".out_layers.0." in key:
-                state[key] = torch.ones_like(value) if key.endswith("weight") else torch.zeros_like(value)
-            else:
-                state[key] = torch.zeros_like(value)
-        elif key.startswith(IDENTITY_UPSAMPLES):
-            kernel = torch.zeros_like(value)
-            if key.endswith("weight"):
-                kernel[:, :, 1, 1] = torch.eye(value.shape[0])
-            state[key] = kernel
     return state
 
 
@@ -156,9 +159,8 @@ def load_shapes_model(path=UNET_FILE):
                          "(ngdm_core/weights); reinstall the pack, or retrain it with "
                          "`python -m ngdm_core.shapes.training`") from error
     base = ShapesBaseModel(ShapesConfig(UNET_CONFIG))
-    target = base.diffusion_model.state_dict()
     with torch.no_grad():
-        base.diffusion_model.load_state_dict(comfy_state_dict(unet.state_dict(), target), strict=True)
+        base.diffusion_model.load_state_dict(comfy_state_dict(unet.state_dict()), strict=True)
     base.diffusion_model.requires_grad_(False)
     model = comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
                                              offload_device=comfy.model_management.unet_offload_device())
