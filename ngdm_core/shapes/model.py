@@ -174,7 +174,13 @@ class ShapesDenoiser:
         return float(self.schedule_sigmas[round(strength * (len(self.schedule_sigmas) - 1))])
 
     def sigmas(self, steps: int) -> torch.Tensor:
-        """``steps`` levels evenly spaced in timestep from the last to the first, then 0 (ComfyUI's "simple")."""
+        """``steps`` levels evenly spaced in timestep from the last to the first, then 0.
+
+        Not ComfyUI's "simple" scheduler, whose last level is one step above the first timestep
+        (t = 49 of 999 at 20 steps, sigma 0.19, where this ends at sigma_min 0.01): the core
+        benchmarks' figures are on this schedule, and ``benchmarks/results/comfy_quality.md`` measures
+        what ComfyUI's changes.
+        """
         timesteps = torch.linspace(len(self.schedule_sigmas) - 1, 0, steps).round().long()
         return torch.cat([self.schedule_sigmas[timesteps], torch.zeros(1)])
 
