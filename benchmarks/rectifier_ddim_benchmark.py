@@ -32,17 +32,19 @@ from rectifier_quality_benchmark import BENCHMARK_SEED, RECONSTRUCTION, TRAINING
 STEP_COUNTS = (10, 20, 50)
 
 
-def ddim_reconstruction(denoiser, source: torch.Tensor, steps: int) -> torch.Tensor:
-    """Unconditional DDIM inversion of ``source`` over ``steps`` levels, then the deterministic replay down."""
+def ddim_reconstruction(denoiser, source: torch.Tensor, steps: int) -> dict[str, float]:
+    """Unconditional DDIM inversion of ``source`` over ``steps`` levels, the deterministic replay down, and its errors.
+
+    Also the inverted latent's standard deviation in DDPM scale (``x / sqrt(1 + sigma^2)``): about 1
+    for a latent that is noise, as an edit needs it; near 0 for an inversion that carries no noise.
+    """
     sigmas = denoiser.sigmas(steps)
-    return sample_euler(lambda x, sigma: denoiser(x, sigma), invert_ddim(denoiser, source, sigmas), sigmas)
-
-
-def reconstruction_errors(images: torch.Tensor, source: torch.Tensor) -> dict[str, float]:
-    """Mean L1, L2 (on [0, 1]) and SSIM of ``images`` against ``source``."""
+    latent = invert_ddim(denoiser, source, sigmas)
+    images = sample_euler(lambda x, sigma: denoiser(x, sigma), latent, sigmas)
     difference = (images.clamp(-1, 1) - source) / 2
     return {"l1": difference.abs().mean().item(), "l2": (difference**2).mean().item(),
-            "ssim": ssim(images, source, torch.ones_like(source[:, :1])).mean().item()}
+            "ssim": ssim(images, source, torch.ones_like(source[:, :1])).mean().item(),
+            "latent_std": (latent / (1 + sigmas[0] ** 2).sqrt()).std().item()}
 
 
 def train_reconstruction_rectifier(unet: ShapesUNet, **budget):
@@ -57,24 +59,27 @@ def main(argv=None):
     parser.add_argument("--count", type=int, default=32, help="benchmark sources (data seed 2)")
     parser.add_argument("--train-steps", type=int, default=RECONSTRUCTION["steps"])
     parser.add_argument("--lr", type=float, default=RECONSTRUCTION["lr"])
+    parser.add_argument("--objective", default="noise fitting")
+    parser.add_argument("--trajectory-steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     log = lambda line: print(line, file=sys.stderr, flush=True)
     started = time.time()
     unet = load_model(ShapesUNet, UNET_FILE)
-    budget = {**RECONSTRUCTION, "steps": args.train_steps, "lr": args.lr}
+    budget = {**RECONSTRUCTION, "steps": args.train_steps, "lr": args.lr, "objective": args.objective}
+    if args.objective != "noise fitting":
+        budget["trajectory_steps"] = args.trajectory_steps
     rectifier = train_reconstruction_rectifier(unet, **budget)
     training_seconds = time.time() - started
     log(f"trained in {training_seconds:.0f} s: {rectifier.training_runs[-1]}")
     torch.set_grad_enabled(False)
     source = make_batch(BENCHMARK_SEED, args.count).images
-    denoisers = {"none": ShapesDenoiser(unet), "noise fitting": RectifiedShapesDenoiser(unet, rectifier, source)}
+    denoisers = {"none": ShapesDenoiser(unet), args.objective: RectifiedShapesDenoiser(unet, rectifier, source)}
     rows = []
     for steps in STEP_COUNTS:
         for name, denoiser in denoisers.items():
-            rows.append({"steps": steps, "rectifier": name,
-                         **reconstruction_errors(ddim_reconstruction(denoiser, source, steps), source)})
+            rows.append({"steps": steps, "rectifier": name, **ddim_reconstruction(denoiser, source, steps)})
             log(f"{time.time() - started:6.0f} s  {rows[-1]}")
     print(markdown(rows, args.count, budget, training_seconds, time.time() - started))
 
@@ -83,10 +88,11 @@ def markdown(rows, count, budget, training_seconds, seconds) -> str:
     lines = [f"{count} sources (data seed {BENCHMARK_SEED}), unconditional DDIM inversion + sampling; rectifier trained "
              f"on {TRAINING_SOURCES} held-out images of seed {HELD_OUT_SEED}: {budget} ({training_seconds:.0f} s); "
              f"{seconds:.0f} s in all.", "",
-             "| steps | rectifier | L1 | L2 | SSIM | L2 / no rectifier |", "|---:|---|---:|---:|---:|---:|"]
+             "| steps | rectifier | L1 | L2 | SSIM | L2 / no rectifier | inverted latent std |",
+             "|---:|---|---:|---:|---:|---:|---:|"]
     plain = {row["steps"]: row["l2"] for row in rows if row["rectifier"] == "none"}
     lines += [f"| {row['steps']} | {row['rectifier']} | {row['l1']:.4f} | {row['l2']:.5f} | {row['ssim']:.4f} | "
-              f"{row['l2'] / plain[row['steps']]:.3f} |" for row in rows]
+              f"{row['l2'] / plain[row['steps']]:.3f} | {row['latent_std']:.3f} |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
