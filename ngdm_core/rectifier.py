@@ -28,8 +28,6 @@ from .schedule import per_item
 from .validation import require_at_least, require_finite_tensor, require_non_negative, require_positive
 
 FORMAT_VERSION = "1"
-# What reconstruction training fits: the paper's noise fitting, or DDIM's step-by-step reversal.
-RECONSTRUCTION_OBJECTIVES = ("noise fitting", "ddim reversal")
 # Where each step of edit training starts: the source's own trajectory (the paper's) or the
 # previous edited step (its Markovian baseline, DiffusionCLIP's way).
 EDIT_TRAJECTORIES = ("source", "previous edit")
@@ -356,29 +354,18 @@ def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, t_next: tor
 
 
 @torch.no_grad()
-def ddim_inversion_path(eps_at: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0: torch.Tensor,
-                        timesteps: torch.Tensor, alpha_bar: torch.Tensor) -> Iterator[tuple]:
-    """DDIM inversion of ``x0`` up the descending ``timesteps`` (ending at 0): ``(t_up, x_up, eps)`` per step.
-
-    The source is the state at timestep 0 and ``eps_at(x, t)`` is evaluated at the level its state
-    is at, as :func:`ngdm_core.edit_friendly.invert_ddim` does in sigma space; ``eps`` is the
-    prediction that carried the state up to ``x_up``.
-    """
-    x = x0
-    ascending = timesteps.flip(0).to(x0.device)
-    for t, t_up in zip(ascending[:-1], ascending[1:]):
-        t, t_up = t.expand(len(x0)), t_up.expand(len(x0))
-        eps = eps_at(x, t)
-        x = ddim_step(x, eps, t, t_up, alpha_bar)
-        yield t_up, x, eps
-
-
 def ddim_inverted(model: nn.Module, x0: torch.Tensor, timesteps: torch.Tensor, alpha_bar: torch.Tensor,
                   cond=None) -> torch.Tensor:
-    """The plain model's DDIM inversion of ``x0`` to the first of the descending ``timesteps``."""
-    x = x0
-    for _, x, _ in ddim_inversion_path(lambda x_t, t: _eps(model, x_t, t, cond), x0, timesteps, alpha_bar):
-        pass
+    """The plain model's deterministic DDIM inversion of ``x0`` up the descending ``timesteps`` (ending at 0).
+
+    It starts from the source's own noiseless state at timestep 0 and evaluates the model at the
+    level its state is at, as :func:`ngdm_core.edit_friendly.invert_ddim` does in sigma space.
+    """
+    ascending = timesteps.flip(0).to(x0.device)
+    x = noised(x0, torch.zeros_like(x0), ascending[0].expand(len(x0)), alpha_bar)
+    for t, t_up in zip(ascending[:-1], ascending[1:]):
+        t, t_up = t.expand(len(x0)), t_up.expand(len(x0))
+        x = ddim_step(x, _eps(model, x, t, cond), t, t_up, alpha_bar)
     return x
 
 
@@ -472,18 +459,8 @@ def _fit(rectifier: Rectifier, losses: Iterator[torch.Tensor], steps: int, lr: f
 def train_rectifier(model: nn.Module, rectifier: Rectifier, data, steps: int, lr: float = 1e-3,
                     alpha_bar: torch.Tensor | None = None, batch_size: int = 8, weight_decay: float = 1e-5,
                     seed: int = 0, progress=None, conditions: torch.Tensor | None = None,
-                    weight_and_bias: WeightAndBias = own_weight_and_bias, objective: str = "noise fitting",
-                    trajectory_steps: int = 20) -> list[float]:
-    """Fit ``rectifier`` to a reconstruction objective with AdamW; returns the loss per step.
-
-    - ``objective="noise fitting"``, the paper's (Eq. 3): :func:`noise_fitting_loss` at a random
-      timestep and noise per source.
-    - ``objective="ddim reversal"``: what DDIM reconstruction needs. A batch is inverted with DDIM
-      over ``trajectory_steps`` levels by the rectified model as it stands (no gradient); at each
-      state the inversion reached, one step on ``mean |eps_used - eps_rectified(x_up)|^2``, where
-      ``eps_used`` is the prediction that carried the state up. Where it is 0 the DDIM step down
-      from ``x_up`` lands exactly on the state below, so sampling retraces the inversion to the
-      source. Noise fitting reaches that only at its optimum, the exact ``x0`` oracle.
+                    weight_and_bias: WeightAndBias = own_weight_and_bias) -> list[float]:
+    """Fit ``rectifier`` to ``model``'s noise-fitting loss with AdamW; returns the loss per step.
 
     ``data`` is a tensor of source images ``(N, C, H, W)``, sampled with replacement, or an
     iterable of batches (training stops early if it runs out). ``conditions``, for a tensor of
@@ -499,9 +476,6 @@ def train_rectifier(model: nn.Module, rectifier: Rectifier, data, steps: int, lr
     """
     require_at_least("steps", steps, 1)
     require_positive("lr", lr)
-    if objective not in RECONSTRUCTION_OBJECTIVES:
-        raise ValueError(f"objective must be one of {RECONSTRUCTION_OBJECTIVES}, got {objective!r}")
-    require_at_least("trajectory_steps", trajectory_steps, 2)
     alpha_bar = ddpm_alpha_bar() if alpha_bar is None else alpha_bar
     _require_trainable("rectifier", rectifier)
     with torch.inference_mode(False), torch.enable_grad():
@@ -510,30 +484,16 @@ def train_rectifier(model: nn.Module, rectifier: Rectifier, data, steps: int, lr
         _require_per_source("conditions", conditions, data)
         generator = torch.Generator().manual_seed(seed)
 
-        def noise_fitting_losses():
+        def losses():
             for x0, rows in _batches(data, batch_size, generator):
                 t, noise = _timesteps_and_noise(x0, alpha_bar, generator)
                 yield noise_fitting_loss(model, rectifier, x0, t, noise, alpha_bar.to(x0.device),
                                          _rows(conditions, rows), weight_and_bias)
 
-        def ddim_reversal_losses():
-            for x0, rows in _batches(data, batch_size, generator):
-                table, cond = alpha_bar.to(x0.device), _rows(conditions, rows)
-                timesteps = ddim_timesteps(table, trajectory_steps)
-
-                def eps_at(x_t, t, x0=x0, table=table, cond=cond):
-                    return rectified_eps(model, rectifier, x_t, t, x0, table, cond, weight_and_bias)
-
-                for t_up, x_up, eps_used in ddim_inversion_path(eps_at, x0, timesteps, table):
-                    yield F.mse_loss(eps_at(x_up, t_up), eps_used)
-
-        losses = noise_fitting_losses() if objective == "noise fitting" else ddim_reversal_losses()
-        history = _fit(rectifier, losses, steps, lr, weight_decay, progress)
-    record = {"objective": objective, "steps": len(history), "lr": lr, "batch_size": batch_size,
-              "weight_decay": weight_decay, "seed": seed, "final_loss": history[-1]}
-    if objective != "noise fitting":
-        record["trajectory_steps"] = trajectory_steps
-    rectifier.training_runs.append(record)
+        history = _fit(rectifier, losses(), steps, lr, weight_decay, progress)
+    rectifier.training_runs.append({"objective": "noise fitting", "steps": len(history), "lr": lr,
+                               "batch_size": batch_size, "weight_decay": weight_decay, "seed": seed,
+                               "final_loss": history[-1]})
     return history
 
 
