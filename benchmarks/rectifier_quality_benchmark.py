@@ -49,11 +49,12 @@ EDIT = {"steps": 300, "lr": 2e-3, "batch_size": 8, "seed": 0, "direction_weight"
 HELD_OUT_TIMESTEPS = (50, 950)
 
 
-def train(unet, classifier, log, edit_trajectories=(("edit", "source"),)):
+def train(unet, classifier, log, edit_variants=(("edit", {}),)):
     """The reconstruction-trained rectifier and the edit-trained ones grown from it, with their training seconds.
 
-    ``edit_trajectories`` names each edit-trained rectifier and where its steps start (the ``trajectory``
-    of :func:`train_edit_rectifier`); a Markovian one inverts its sources under the unconditional branch.
+    ``edit_variants`` names each edit-trained rectifier and what its training changes from ``EDIT``
+    (arguments of :func:`train_edit_rectifier`); a Markovian one inverts its sources under the
+    unconditional branch.
     """
     batch = make_batch(HELD_OUT_SEED, TRAINING_SOURCES)
     reconstruction = new_rectifier(unet, seed=1)
@@ -65,12 +66,12 @@ def train(unet, classifier, log, edit_trajectories=(("edit", "source"),)):
     rectifiers = {"reconstruction": reconstruction}
     targets = other_class(batch.labels)
     directions = edit_directions(class_embeddings(classifier), batch.labels, targets)
-    for name, trajectory in edit_trajectories:
+    for name, changes in edit_variants:
         rectifiers[name] = copy.deepcopy(reconstruction)
         started = time.time()
         train_edit_rectifier(unet, rectifiers[name], batch.images, image_features(classifier), directions,
-                             targets=targets, trajectory=trajectory,
-                             source_conditions=torch.full((len(batch.images),), NULL_CLASS), **EDIT)
+                             targets=targets, source_conditions=torch.full((len(batch.images),), NULL_CLASS),
+                             **{**EDIT, **changes})
         seconds[name] = round(time.time() - started)
         log(f"{name} rectifier: {seconds[name]} s")
     return rectifiers, seconds
