@@ -49,8 +49,13 @@ EDIT = {"steps": 300, "lr": 2e-3, "batch_size": 8, "seed": 0, "direction_weight"
 HELD_OUT_TIMESTEPS = (50, 950)
 
 
-def train(unet, classifier, log):
-    """The reconstruction-trained rectifier and the edit-trained one grown from it, with their training seconds."""
+def train(unet, classifier, log, edit_variants=(("edit", {}),)):
+    """The reconstruction-trained rectifier and the edit-trained ones grown from it, with their training seconds.
+
+    ``edit_variants`` names each edit-trained rectifier and what its training changes from ``EDIT``
+    (arguments of :func:`train_edit_rectifier`); a Markovian one inverts its sources under the
+    unconditional branch.
+    """
     batch = make_batch(HELD_OUT_SEED, TRAINING_SOURCES)
     reconstruction = new_rectifier(unet, seed=1)
     started = time.time()
@@ -58,14 +63,18 @@ def train(unet, classifier, log):
                     **RECONSTRUCTION)
     seconds = {"reconstruction": round(time.time() - started)}
     log(f"reconstruction rectifier: {seconds['reconstruction']} s")
-    edit = copy.deepcopy(reconstruction)
+    rectifiers = {"reconstruction": reconstruction}
     targets = other_class(batch.labels)
     directions = edit_directions(class_embeddings(classifier), batch.labels, targets)
-    started = time.time()
-    train_edit_rectifier(unet, edit, batch.images, image_features(classifier), directions, targets=targets, **EDIT)
-    seconds["edit"] = round(time.time() - started)
-    log(f"edit rectifier: {seconds['edit']} s")
-    return {"reconstruction": reconstruction, "edit": edit}, seconds
+    for name, changes in edit_variants:
+        rectifiers[name] = copy.deepcopy(reconstruction)
+        started = time.time()
+        train_edit_rectifier(unet, rectifiers[name], batch.images, image_features(classifier), directions,
+                             targets=targets, source_conditions=torch.full((len(batch.images),), NULL_CLASS),
+                             **{**EDIT, **changes})
+        seconds[name] = round(time.time() - started)
+        log(f"{name} rectifier: {seconds[name]} s")
+    return rectifiers, seconds
 
 
 def held_out_losses(unet, rectifier, classifier, sources, source_class, target_class):
@@ -77,6 +86,33 @@ def held_out_losses(unet, rectifier, classifier, sources, source_class, target_c
         directional, l1 = edit_loss_terms(unet, rectifier, sources, t, noise, ddpm_alpha_bar(),
                                           image_features(classifier), directions, target_class)
     return {"directional": directional.item(), "l1": l1.item()}
+
+
+def edits(unet, rectifiers, classifier, count, settings, log):
+    """Every benchmark edit of the first ``count`` sources with each rectifier (``None``: the plain model), as rows."""
+    batch = make_batch(BENCHMARK_SEED, count)
+    source, source_class = batch.images, batch.labels
+    target_class = other_class(source_class)
+    keep = 1 - dilated(ground_truth_edit(BENCHMARK_SEED, count, target_class)[1], PRESERVE_MARGIN)
+    rows = []
+
+    def record(method, knob, rectifier, images):
+        row = {"method": method, "knob": knob, "rectifier": rectifier,
+               "success": edit_success(classifier, images, target_class).mean().item(),
+               "psnr": psnr(images, source, keep).mean().item(), "ssim": ssim(images, source, keep).mean().item(),
+               "l1_to_source": (images.clamp(-1, 1) - source).abs().mean().item()}
+        rows.append(row)
+        log(f"{method:14s} {knob:14s} {rectifier:15s} success {row['success']:.3f}  PSNR {row['psnr']:.2f}  "
+            f"SSIM {row['ssim']:.4f}")
+
+    for name, rectifier in rectifiers.items():
+        denoiser = ShapesDenoiser(unet) if rectifier is None else RectifiedShapesDenoiser(unet, rectifier, source)
+        for strength in SDEDIT_STRENGTHS:
+            record("SDEdit", f"strength {strength}", name, sdedit(denoiser, source, target_class, settings, strength))
+        for skip in EDIT_FRIENDLY_SKIPS:
+            inversion = invert(denoiser, source, source_class, settings, skip)
+            record("edit-friendly", f"skip {skip}", name, edit_friendly(denoiser, inversion, target_class, settings))
+    return rows
 
 
 def main(argv=None):
@@ -105,32 +141,11 @@ def main(argv=None):
     rectifiers, training_seconds = train(unet, classifier, log)
     torch.set_grad_enabled(False)
     batch = make_batch(BENCHMARK_SEED, args.count)
-    source, source_class = batch.images, batch.labels
-    target_class = other_class(source_class)
-    keep = 1 - dilated(ground_truth_edit(BENCHMARK_SEED, args.count, target_class)[1], PRESERVE_MARGIN)
-    settings = EditSettings(steps=args.steps, cfg=args.cfg)
-    denoisers = {"none": ShapesDenoiser(unet),
-                 **{name: RectifiedShapesDenoiser(unet, rectifier, source) for name, rectifier in rectifiers.items()}}
-    held_out = {name: held_out_losses(unet, rectifiers.get(name, new_rectifier(unet)), classifier, source,
-                                      source_class, target_class) for name in denoisers}
-    rows = []
-
-    def record(method, knob, rectifier, images):
-        row = {"method": method, "knob": knob, "rectifier": rectifier,
-               "success": edit_success(classifier, images, target_class).mean().item(),
-               "psnr": psnr(images, source, keep).mean().item(), "ssim": ssim(images, source, keep).mean().item(),
-               "l1_to_source": (images.clamp(-1, 1) - source).abs().mean().item()}
-        rows.append(row)
-        log(f"{time.time() - started:6.0f} s  {method:14s} {knob:14s} {rectifier:15s} success {row['success']:.3f}  "
-            f"PSNR {row['psnr']:.2f}  SSIM {row['ssim']:.4f}")
-
-    for name, denoiser in denoisers.items():
-        for strength in SDEDIT_STRENGTHS:
-            record("SDEdit", f"strength {strength}", name, sdedit(denoiser, source, target_class, settings, strength))
-        for skip in EDIT_FRIENDLY_SKIPS:
-            inversion = invert(denoiser, source, source_class, settings, skip)
-            record("edit-friendly", f"skip {skip}", name, edit_friendly(denoiser, inversion, target_class, settings))
-
+    target_class = other_class(batch.labels)
+    held_out = {name: held_out_losses(unet, rectifiers.get(name, new_rectifier(unet)), classifier, batch.images,
+                                      batch.labels, target_class) for name in ("none", *rectifiers)}
+    rows = edits(unet, {"none": None, **rectifiers}, classifier, args.count, EditSettings(steps=args.steps, cfg=args.cfg),
+                 lambda line: log(f"{time.time() - started:6.0f} s  {line}"))
     results = {"count": args.count, "steps": args.steps, "cfg": args.cfg, "threads": args.threads,
                "seconds": round(time.time() - started), "training_seconds": training_seconds,
                "training": {name: rectifier.training_runs for name, rectifier in rectifiers.items()},
@@ -150,7 +165,7 @@ def markdown(results) -> str:
              f"preservation outside the union of both objects dilated by {PRESERVE_MARGIN} px.", "",
              "| method | setting | rectifier | edit success | PSNR outside (dB) | SSIM outside |",
              "|---|---|---|---:|---:|---:|"]
-    order = {"none": 0, "reconstruction": 1, "edit": 2}
+    order = {name: index for index, name in enumerate(dict.fromkeys(row["rectifier"] for row in results["edits"]))}
     for row in sorted(results["edits"], key=lambda row: (row["method"], row["knob"], order[row["rectifier"]])):
         lines.append(f"| {row['method']} | {row['knob']} | {row['rectifier']} | {row['success']:.3f} | "
                      f"{row['psnr']:.2f} | {row['ssim']:.4f} |")

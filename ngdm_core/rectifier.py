@@ -28,6 +28,9 @@ from .schedule import per_item
 from .validation import require_at_least, require_finite_tensor, require_non_negative, require_positive
 
 FORMAT_VERSION = "1"
+# Where each step of edit training starts: the source's own trajectory (the paper's) or the
+# previous edited step (its Markovian baseline, DiffusionCLIP's way).
+EDIT_TRAJECTORIES = ("source", "previous edit")
 
 # One layer's generated factors: ``(in_factor (B, 1, Cin/groups, kh, kw), out_factor (B, Cout, 1, kh, kw))``.
 Factors = tuple[torch.Tensor, torch.Tensor]
@@ -306,13 +309,26 @@ def edit_loss_terms(model: nn.Module, rectifier: Rectifier, x0: torch.Tensor, t:
     encoder in the paper); ``direction`` is ``E_T(target) - E_T(source)``, ``(D,)`` or ``(B, D)``;
     ``source_embedding`` is ``E_I(x0)``, computed here when not given.
     """
-    x_t = noised(x0, noise, t, alpha_bar)
+    directional, l1, _ = edit_loss_terms_at(model, rectifier, noised(x0, noise, t, alpha_bar), x0, t, alpha_bar, embed,
+                                            direction, cond, source_embedding, weight_and_bias)
+    return directional, l1
+
+
+def edit_loss_terms_at(model: nn.Module, rectifier: Rectifier, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor,
+                       alpha_bar: torch.Tensor, embed: Callable[[torch.Tensor], torch.Tensor], direction: torch.Tensor,
+                       cond=None, source_embedding: torch.Tensor | None = None,
+                       weight_and_bias: WeightAndBias = own_weight_and_bias):
+    """``(L_dir, L1, eps)`` of :func:`edit_loss_terms` from any state ``x_t``, with the rectified noise prediction.
+
+    The Markovian training of :func:`train_edit_rectifier` calls it on the previous edited step's
+    state and takes its next DDIM step with ``eps``.
+    """
     eps = rectified_eps(model, rectifier, x_t, t, x0, alpha_bar, cond, weight_and_bias)
     edited = predicted_x0(x_t, eps, t, alpha_bar)
     if source_embedding is None:
         with torch.no_grad():
             source_embedding = embed(x0)
-    return directional_loss(embed(edited), source_embedding, direction), (edited - x0).abs().mean()
+    return directional_loss(embed(edited), source_embedding, direction), (edited - x0).abs().mean(), eps
 
 
 def edit_training_loss(model: nn.Module, rectifier: Rectifier, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
@@ -324,6 +340,33 @@ def edit_training_loss(model: nn.Module, rectifier: Rectifier, x0: torch.Tensor,
     directional, l1 = edit_loss_terms(model, rectifier, x0, t, noise, alpha_bar, embed, direction, cond,
                                       source_embedding, weight_and_bias)
     return direction_weight * directional + l1_weight * l1
+
+
+def ddim_timesteps(alpha_bar: torch.Tensor, steps: int) -> torch.Tensor:
+    """``steps`` integer timesteps evenly spaced from the schedule's last to 0, descending."""
+    return torch.linspace(len(alpha_bar) - 1, 0, steps).round().long()
+
+
+def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
+              alpha_bar: torch.Tensor) -> torch.Tensor:
+    """Deterministic DDIM from timestep ``t`` to ``t_next`` (up or down) with the noise prediction ``eps``."""
+    return noised(predicted_x0(x_t, eps, t, alpha_bar), eps, t_next, alpha_bar)
+
+
+@torch.no_grad()
+def ddim_inverted(model: nn.Module, x0: torch.Tensor, timesteps: torch.Tensor, alpha_bar: torch.Tensor,
+                  cond=None) -> torch.Tensor:
+    """The plain model's deterministic DDIM inversion of ``x0`` up the descending ``timesteps`` (ending at 0).
+
+    It starts from the source's own noiseless state at timestep 0 and evaluates the model at the
+    level its state is at, as :func:`ngdm_core.edit_friendly.invert_ddim` does in sigma space.
+    """
+    ascending = timesteps.flip(0).to(x0.device)
+    x = noised(x0, torch.zeros_like(x0), ascending[0].expand(len(x0)), alpha_bar)
+    for t, t_up in zip(ascending[:-1], ascending[1:]):
+        t, t_up = t.expand(len(x0)), t_up.expand(len(x0))
+        x = ddim_step(x, _eps(model, x, t, cond), t, t_up, alpha_bar)
+    return x
 
 
 def _batches(data, batch_size: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -393,10 +436,14 @@ def _require_finite_training(what: str, tensors: list[torch.Tensor], step: int, 
 
 
 def _fit(rectifier: Rectifier, losses: Iterator[torch.Tensor], steps: int, lr: float, weight_decay: float,
-         progress) -> list[float]:
-    """AdamW on the rectifier alone, one step per loss ``losses`` yields (at most ``steps``); returns the losses."""
+         progress, lr_decay: float = 1.0, lr_decay_every: int = 1) -> list[float]:
+    """AdamW on the rectifier alone, one step per loss ``losses`` yields (at most ``steps``); returns the losses.
+
+    The learning rate is multiplied by ``lr_decay`` after every ``lr_decay_every`` steps.
+    """
     parameters = list(rectifier.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.StepLR(optimizer, lr_decay_every, lr_decay)
     history = []
     for step, loss in zip(range(1, steps + 1), _model_losses(losses)):
         _require_finite_training("the training loss", [loss.detach()], step, steps, lr)
@@ -405,6 +452,7 @@ def _fit(rectifier: Rectifier, losses: Iterator[torch.Tensor], steps: int, lr: f
         # or in an embedding network, whatever their requires_grad flags.
         loss.backward(inputs=parameters)
         optimizer.step()
+        schedule.step()
         _require_finite_training("the rectifier's weights", [parameter.detach() for parameter in parameters], step,
                                  steps, lr)
         history.append(loss.item())
@@ -473,7 +521,9 @@ def train_edit_rectifier(model: nn.Module, rectifier: Rectifier, sources: torch.
                          lr: float = 1e-3, alpha_bar: torch.Tensor | None = None, targets: torch.Tensor | None = None,
                          batch_size: int = 8, direction_weight: float = 1.0, l1_weight: float = 1.0,
                          weight_decay: float = 0.0, seed: int = 0, progress=None,
-                         weight_and_bias: WeightAndBias = own_weight_and_bias) -> list[float]:
+                         weight_and_bias: WeightAndBias = own_weight_and_bias, trajectory: str = "source",
+                         trajectory_steps: int = 20, source_conditions: torch.Tensor | None = None,
+                         lr_decay: float = 1.0, lr_decay_every: int = 10) -> list[float]:
     """Train ``rectifier`` for an edit, the paper's way (Algorithm 1, Eq. 6); returns the loss per step.
 
     Each step draws a batch of ``sources`` ``(N, C, H, W)`` with replacement, noises it to a
@@ -487,6 +537,17 @@ def train_edit_rectifier(model: nn.Module, rectifier: Rectifier, sources: torch.
     - ``targets`` holds one target condition per source (e.g. class labels) for a model called
       as ``model(x_t, t, cond)``; ``None`` is for a model that runs under the target itself.
 
+    ``trajectory="previous edit"`` is the paper's baseline instead, Markovian training as in
+    DiffusionCLIP: a batch is inverted by the plain model with DDIM (:func:`ddim_inverted`) over
+    ``trajectory_steps`` levels, under ``source_conditions`` (one per source, e.g. the
+    unconditional label; ``targets`` if not given), then walked down those levels under the
+    target, one training step per level: the loss is the same, taken at the previous edited
+    step's state, and the next state is the DDIM step of the rectified prediction made before
+    the update. A new batch starts when a walk reaches timestep 0.
+
+    The learning rate is multiplied by ``lr_decay`` after every ``lr_decay_every`` steps: the paper
+    decays its 1e-3 by 0.9 every 10 steps; 1 (the default) keeps it constant.
+
     The paper starts from a reconstruction-trained rectifier and uses weight decay 0. Seeding,
     ``progress``, inference mode and the stop at the first non-finite loss or weight are as in
     :func:`train_rectifier`.
@@ -495,12 +556,18 @@ def train_edit_rectifier(model: nn.Module, rectifier: Rectifier, sources: torch.
     require_positive("lr", lr)
     for name, weight in (("direction_weight", direction_weight), ("l1_weight", l1_weight)):
         require_non_negative(name, weight)
+    if trajectory not in EDIT_TRAJECTORIES:
+        raise ValueError(f"trajectory must be one of {EDIT_TRAJECTORIES}, got {trajectory!r}")
+    require_at_least("trajectory_steps", trajectory_steps, 2)
+    require_positive("lr_decay", lr_decay)
+    require_at_least("lr_decay_every", lr_decay_every, 1)
     alpha_bar = ddpm_alpha_bar() if alpha_bar is None else alpha_bar
     _require_trainable("rectifier", rectifier)
     with torch.inference_mode(False), torch.enable_grad():
         require_finite_tensor("sources", sources)
         direction = _per_source_direction(direction, sources)
         _require_per_source("targets", targets, sources)
+        _require_per_source("source_conditions", source_conditions, sources)
         with torch.no_grad():
             source_embeddings = torch.cat([embed(chunk) for chunk in sources.split(batch_size)])
         require_finite_tensor("the sources' image embeddings", source_embeddings)
@@ -510,7 +577,7 @@ def train_edit_rectifier(model: nn.Module, rectifier: Rectifier, sources: torch.
         generator = torch.Generator().manual_seed(seed)
         alpha_bar = alpha_bar.to(sources.device)
 
-        def losses():
+        def source_trajectory_losses():
             for x0, rows in _batches(sources, batch_size, generator):
                 t, noise = _timesteps_and_noise(x0, alpha_bar, generator)
                 rows = rows.to(sources.device)
@@ -518,10 +585,32 @@ def train_edit_rectifier(model: nn.Module, rectifier: Rectifier, sources: torch.
                                          direction_weight, l1_weight, _rows(targets, rows), source_embeddings[rows],
                                          weight_and_bias)
 
-        history = _fit(rectifier, losses(), steps, lr, weight_decay, progress)
-    rectifier.training_runs.append({"objective": "edit", "steps": len(history), "lr": lr, "batch_size": batch_size,
-                               "weight_decay": weight_decay, "seed": seed, "direction_weight": direction_weight,
-                               "l1_weight": l1_weight, "final_loss": history[-1]})
+        def previous_edit_losses():
+            timesteps = ddim_timesteps(alpha_bar, trajectory_steps).to(sources.device)
+            inversion_conditions = targets if source_conditions is None else source_conditions
+            for x0, rows in _batches(sources, batch_size, generator):
+                rows = rows.to(sources.device)
+                x_t = ddim_inverted(model, x0, timesteps, alpha_bar, _rows(inversion_conditions, rows))
+                for t, t_next in zip(timesteps[:-1], timesteps[1:]):
+                    t, t_next = t.expand(len(x0)), t_next.expand(len(x0))
+                    directional, l1, eps = edit_loss_terms_at(model, rectifier, x_t, x0, t, alpha_bar, embed,
+                                                              direction[rows], _rows(targets, rows),
+                                                              source_embeddings[rows], weight_and_bias)
+                    # _fit updates the rectifier between this yield and the next state, which is the
+                    # DDIM step of the prediction the loss was taken on, as DiffusionCLIP steps.
+                    yield direction_weight * directional + l1_weight * l1
+                    x_t = ddim_step(x_t, eps.detach(), t, t_next, alpha_bar)
+
+        losses = source_trajectory_losses() if trajectory == "source" else previous_edit_losses()
+        history = _fit(rectifier, losses, steps, lr, weight_decay, progress, lr_decay, lr_decay_every)
+    record = {"objective": "edit", "steps": len(history), "lr": lr, "batch_size": batch_size,
+              "weight_decay": weight_decay, "seed": seed, "direction_weight": direction_weight,
+              "l1_weight": l1_weight, "trajectory": trajectory, "final_loss": history[-1]}
+    if trajectory != "source":
+        record["trajectory_steps"] = trajectory_steps
+    if lr_decay != 1:
+        record["lr_decay"], record["lr_decay_every"] = lr_decay, lr_decay_every
+    rectifier.training_runs.append(record)
     return history
 
 
