@@ -21,5 +21,7 @@ def test_the_example_workflows_are_served_as_templates(host):
                      "flux_ngdm_edit_friendly_edit.json", "ngdm_controlnet_edit.json", "ngdm_edit_friendly_edit.json",
                      "ngdm_ksampler_edit.json", "ngdm_text_edit.json", "qwen_image_edit_confined_edit.json",
                      "rectifier_edit_training.json", "rectifier_reconstruct_edit.json", "region_direction_edit.json",
-                     "shapes_edit_friendly_edit.json", "shapes_masked_sampling_comparison.json", "shapes_ngdm_edit.json",
-                     "shapes_ngdm_edit_friendly_edit.json"]
+                     "shapes_edge_preserving_img2img.json", "shapes_edit_friendly_edit.json",
+                     "shapes_masked_sampling_comparison.json", "shapes_ngdm_edit.json",
+                     "shapes_ngdm_edit_friendly_edit.json", "shapes_rectifier_reconstruct.json",
+                     "shapes_region_direction_edit.json"]
