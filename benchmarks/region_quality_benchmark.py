@@ -67,13 +67,16 @@ def matched_edit(denoiser, source, label, direction, plain, mask, settings, stre
     return leakage, inside, shift
 
 
+def benchmark_edit():
+    """``(denoiser, settings, strength)``: the shipped model on one thread and the benchmark's edit."""
+    torch.set_num_threads(1)
+    return load_denoiser(), EditSettings(steps=DEFAULTS["steps"], cfg=DEFAULTS["cfg"]), DEFAULTS["edit_strength"]
+
+
 def main(argv=None):
     args = parse_arguments(argv)
-    torch.set_num_threads(1)
     log = lambda line: print(line, file=sys.stderr, flush=True)
-    denoiser = load_denoiser()
-    settings = EditSettings(steps=DEFAULTS["steps"], cfg=DEFAULTS["cfg"])
-    strength = DEFAULTS["edit_strength"]
+    denoiser, settings, strength = benchmark_edit()
     batch = make_batch(BENCHMARK_SEED, args.count)
     rows, started = {name: [] for name in METHODS}, time.time()
     for index in range(args.count):

@@ -40,3 +40,16 @@ def test_a_missing_matplotlib_stops_the_run_at_its_start(benchmark, monkeypatch,
     with pytest.raises(SystemExit):
         benchmark.parse_arguments([])
     assert "matplotlib" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arguments, named", [(["--count", "0"], "--count"), (["--offset", "-1"], "--offset"),
+                                              (["--ridges", "0"], "--ridges"), (["--fractions", "0"], "--fractions")])
+def test_the_region_confinement_benchmark_refuses_bad_arguments_naming_them(monkeypatch, capsys, arguments, named):
+    monkeypatch.syspath_prepend(str(BENCHMARK.parent))  # it imports its sibling benchmarks by name
+    spec = importlib.util.spec_from_file_location("region_confinement_benchmark",
+                                                  BENCHMARK.parent / "region_confinement_benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit):
+        module.parse_arguments(arguments)
+    assert named in capsys.readouterr().err

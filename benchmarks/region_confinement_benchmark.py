@@ -1,0 +1,109 @@
+"""Region directions on the shipped shapes model: leakage and shift at equal change inside, per ratio ridge and shift.
+
+    /tmp/cpu-run python benchmarks/region_confinement_benchmark.py --count 20 --ridges 1 2 3 5 10
+
+The same edits as ``region_quality_benchmark.py`` (its held-out sources, SDEdit under the
+source's own class from half the schedule, 10 of 20 Euler steps, CFG 3, the bottleneck shifted
+at every step): the unconfined top direction at shift ``--shift`` sets each source's change
+inside the mask, and the node's ratio directions (found at the edit's first state, as the node
+finds them) are applied at the shift that matches it, once per ``--ridges`` value. Each ratio
+direction is also applied at ``--fractions`` of its matched shift, unmatched: if its leakage
+fell to the linearised leakage at a small shift, the gap would come from the shift's size; if
+it stays, from the edit's later states. Prints a JSON summary; writes nothing.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from ngdm_core.shapes.data import make_batch
+from ngdm_core.shapes.edits import sdedit
+from ngdm_core.shapes.region import find_directions
+from quality_benchmark import BENCHMARK_SEED
+from region_quality_benchmark import DEFAULTS, benchmark_edit, matched_edit, measured_edit
+
+GOAL_LEAKAGE = 0.15  # issue #23's goal for the mean leakage over the 20 sources
+
+
+def parse_arguments(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=DEFAULTS["count"], help="held-out sources (data set seed 2)")
+    parser.add_argument("--offset", type=int, default=0, help="index of the first source, to split a run")
+    parser.add_argument("--shift", type=float, default=DEFAULTS["shift"],
+                        help="shift of the unconfined direction, in h units (|h| is about 50)")
+    parser.add_argument("--ridges", type=float, nargs="+", default=[1.0, 3.0],
+                        help="ridges of the ratio search (relative to the outside's mean energy)")
+    parser.add_argument("--fractions", type=float, nargs="*", default=[0.25],
+                        help="fractions of the matched shift each ratio direction is also applied at")
+    args = parser.parse_args(argv)
+    if args.count < 1:
+        parser.error(f"--count must be at least 1, got {args.count}")
+    if args.offset < 0:
+        parser.error(f"--offset must not be negative, got {args.offset}")
+    if min(args.ridges) <= 0:
+        parser.error(f"--ridges must be positive, got {args.ridges}")
+    if args.fractions and min(args.fractions) <= 0:
+        parser.error(f"--fractions must be positive, got {args.fractions}")
+    return args
+
+
+def summary(rows, unconfined_shifts):
+    """Mean and median leakage, sources at most the goal, and the shift against the unconfined one's."""
+    leakages = [row["leakage"] for row in rows]
+    return {"leakage": round(statistics.fmean(leakages), 4), "median_leakage": round(statistics.median(leakages), 4),
+            f"sources_at_most_{GOAL_LEAKAGE}": sum(value <= GOAL_LEAKAGE for value in leakages),
+            "shift": round(statistics.fmean(row["shift"] for row in rows), 2),
+            "shift_ratio": round(statistics.fmean(row["shift"] / base for row, base in zip(rows, unconfined_shifts)), 3),
+            "linearised_leakage": round(statistics.fmean(row["linearised_leakage"] for row in rows), 4),
+            "search_seconds": round(statistics.fmean(row["seconds"] for row in rows), 2),
+            "iterations": round(statistics.fmean(row["iterations"] for row in rows), 1),
+            "converged": sum(row["converged"] for row in rows)}
+
+
+def main(argv=None):
+    args = parse_arguments(argv)
+    log = lambda line: print(line, file=sys.stderr, flush=True)
+    denoiser, settings, strength = benchmark_edit()
+    batch = make_batch(BENCHMARK_SEED, args.offset + args.count)
+    rows, started = {}, time.time()
+
+    def found_for(source, label, mask, **search):
+        begun = time.time()
+        found = find_directions(denoiser, source, label, mask, settings, strength, k=1, **search)
+        return found, {"linearised_leakage": found.leakage[0].item(), "seconds": time.time() - begun,
+                       "iterations": found.iterations, "converged": found.converged}
+
+    for index in range(args.offset, args.offset + args.count):
+        source, label, mask = batch.images[index:index + 1], batch.labels[index:index + 1], batch.masks[index:index + 1]
+        plain = sdedit(denoiser, source, label, settings, strength)
+        edit = (denoiser, source, label)
+        found, row = found_for(source, label, mask, confinement="none")
+        leakage, target = measured_edit(*edit, found.vectors[0], plain, mask, settings, strength, args.shift)
+        rows.setdefault("unconfined", []).append({**row, "leakage": leakage, "shift": args.shift})
+        for ridge in args.ridges:
+            found, row = found_for(source, label, mask, confinement="ratio", ridge=ridge)
+            leakage, _, shift = matched_edit(*edit, found.vectors[0], plain, mask, settings, strength, target,
+                                             args.shift)
+            rows.setdefault(f"ratio_ridge_{ridge:g}", []).append({**row, "leakage": leakage, "shift": shift})
+            for fraction in args.fractions:
+                leakage, _ = measured_edit(*edit, found.vectors[0], plain, mask, settings, strength, shift * fraction)
+                rows.setdefault(f"ratio_ridge_{ridge:g}_at_{fraction:g}_of_the_shift", []).append(
+                    {**row, "leakage": leakage, "shift": shift * fraction})
+        log(f"source {index}: " + ", ".join(f"{name} {values[-1]['leakage']:.3f} (shift {values[-1]['shift']:.1f})"
+                                            for name, values in rows.items()) + f"; {time.time() - started:.0f} s")
+    unconfined_shifts = [row["shift"] for row in rows["unconfined"]]
+    print(json.dumps({"sources": [args.offset, args.offset + args.count], "data_seed": BENCHMARK_SEED,
+                      "steps": settings.steps, "cfg": settings.cfg, "edit_strength": strength,
+                      "unconfined_shift": args.shift,
+                      "methods": {name: summary(values, unconfined_shifts) for name, values in rows.items()},
+                      "per_source_leakage": {name: [round(row["leakage"], 4) for row in values]
+                                             for name, values in rows.items()},
+                      "seconds": round(time.time() - started, 1)}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
