@@ -10,6 +10,7 @@ import comfy.sampler_helpers
 import torch
 from comfy_api.latest import io, ui
 
+from ..ngdm_core.chunked_attention import blocked_attention, rows_per_block
 from ..ngdm_core.edge_preserving import resize_to_latent
 from ..ngdm_core.region_jacobian import CONFINEMENTS, GUARD_VECTORS, region_directions
 from ..ngdm_core.schedule import noise_source
@@ -20,12 +21,14 @@ from .host import (CATEGORY, compute_dtype, items_per_call, model_conditioning, 
 BOTTLENECK = ("output", 0)
 # The U-Net's modules that run after its bottleneck, by parameter name prefix.
 AFTER_BOTTLENECK = ("output_blocks.", "out.")
-# Float32 copies of its largest attention score matrix that one Jacobian product holds at once: a JVP
-# through the softmax carries the scores, the probabilities, their tangents and the temporaries of the
-# softmax's derivative, and the VJP's backward pass its own. Measured on CPU (SD1.5's layout at width 64,
-# a 64x64 latent, one vector per pass, benchmarks/scale_benchmark.py): about 5 GB above the model and the
-# VJP graph, against 0.5 GB for one score matrix (8 heads, float32).
-SCORE_COPIES_PER_PRODUCT = 10
+# The products compute attention in blocks of query rows (ngdm_core.chunked_attention) of at most this
+# many bytes of float32 scores per vector, instead of the whole score matrix (8 x 4096 x 4096 floats,
+# 0.5 GiB, at a 64x64 latent) that autograd through the host's attention keeps. One block at 64x64 is
+# 512 query rows of 8 heads.
+SCORE_BLOCK_BYTES = 64 * 2**20
+# Float32 copies of one score block that a product holds per vector: the scores and probabilities, and
+# the tangent (JVP) or gradient (VJP) of the scores with the temporaries of the softmax's derivative.
+SCORE_BLOCK_COPIES = 5
 # The products take at most this share of the memory free once the VJP graph is built: free memory is
 # read once, before a search that runs for minutes, and on a CPU it is the machine's, shared with others.
 PRODUCT_SHARE_OF_FREE = 0.5
@@ -128,6 +131,30 @@ def jacobian_weights(diffusion_model):
             for name, tensor in itertools.chain(diffusion_model.named_parameters(), diffusion_model.named_buffers())}
 
 
+def blocked_attention_override(host_attention, q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
+                               skip_output_reshape=False, **kwargs):
+    """An ``optimized_attention_override``: the U-Net's attention in blocks of query rows, for the Jacobian's products.
+
+    The host's attention is written for inference: autograd through it keeps every score matrix
+    whole. Blocked attention is exact in both derivatives and holds one block of scores
+    (:data:`SCORE_BLOCK_BYTES`) at a time. Masked attention (which SD and SDXL U-Nets do not use) is
+    left to the host.
+    """
+    if mask is not None:
+        return host_attention(q, k, v, heads, mask=mask, attn_precision=attn_precision, skip_reshape=skip_reshape,
+                              skip_output_reshape=skip_output_reshape, **kwargs)
+    if skip_reshape:  # (batch, heads, tokens, head width)
+        batch, width = q.shape[0], q.shape[-1]
+        q, k, v = (tensor.reshape(batch * heads, -1, width) for tensor in (q, k, v))
+    else:  # (batch, tokens, heads x head width)
+        batch, width = q.shape[0], q.shape[-1] // heads
+        q, k, v = (tensor.reshape(batch, -1, heads, width).transpose(1, 2).reshape(batch * heads, -1, width)
+                   for tensor in (q, k, v))
+    out = blocked_attention(q, k, v, rows_per_block(batch * heads, k.shape[-2], SCORE_BLOCK_BYTES))
+    out = out.reshape(batch, heads, -1, width)
+    return out if skip_output_reshape else out.transpose(1, 2).reshape(batch, -1, heads * width)
+
+
 def bottleneck_function(model, x, sigma, positive):
     """``(f, h)``: the U-Net's output as a function of its bottleneck, and the bottleneck at ``x``.
 
@@ -137,7 +164,7 @@ def bottleneck_function(model, x, sigma, positive):
     others are left as they are. Everything before the bottleneck (time embedding, input
     blocks, middle block) depends only on ``x`` and runs on the model's own weights with no
     gradient recorded. Inputs are in the U-Net's compute dtype, and the ControlNets on
-    ``positive`` add their residuals.
+    ``positive`` add their residuals. Attention runs blocked (:func:`blocked_attention_override`).
     """
     diffusion_model = require_unet(model)
     inputs, timestep, extra = model_inputs(model, x, sigma, positive)
@@ -150,7 +177,8 @@ def bottleneck_function(model, x, sigma, positive):
         context = None if context is None else context.clone()
 
     def run(patch):
-        options = {"patches": {"output_block_patch": [patch]}}
+        options = {"patches": {"output_block_patch": [patch]},
+                   "optimized_attention_override": blocked_attention_override}
         # The U-Net pops each residual as it adds it: every call gets its own lists.
         residuals = None if control is None else {name: list(values) for name, values in control.items()}
         return torch.func.functional_call(diffusion_model, weights, tuple(arguments),
@@ -175,21 +203,23 @@ def bottleneck_function(model, x, sigma, positive):
 
 
 def jacobian_memory(diffusion_model, f, h):
-    """``(per_product, graph)``: bytes one Jacobian product of ``f`` at ``h`` takes, and bytes its VJP graph holds.
+    """``(per_vector, graph)``: bytes one vector of a Jacobian product of ``f`` at ``h`` takes, and its VJP graph's.
 
-    The products materialise each attention's whole score matrix (heads x query x key tokens),
-    whatever chunking the host's attention does for plain inference; this dominates their memory.
     The graph is what autograd saves of ``f``'s forward pass for the reverse-mode products (the
-    activations that depend on ``h``), built once and kept through the whole search. Both are
-    found in one forward pass that records the attention sizes and drops each saved tensor as it
-    comes, so the graph is counted without being held.
+    activations that depend on ``h``), built once and kept through the whole search. A vector's
+    tangents (JVP) or gradients (VJP) of those activations take at most as much again, and its
+    attention :data:`SCORE_BLOCK_COPIES` blocks of scores of the largest attention. Both are found
+    in one forward pass that records the attention sizes and drops each saved tensor as it comes,
+    so the graph is counted without being held.
     """
-    sizes, saved = [0], {}
+    blocks, saved = [0], {}
 
     def record(module, args, kwargs):
         x = args[0]
         context = args[1] if len(args) > 1 else kwargs.get("context")
-        sizes.append(module.heads * x.shape[-2] * (x if context is None else context).shape[-2])
+        keys = (x if context is None else context).shape[-2]
+        rows = min(x.shape[-2], rows_per_block(module.heads, keys, SCORE_BLOCK_BYTES))
+        blocks.append(module.heads * rows * keys * torch.finfo(torch.float32).bits // 8)
 
     def count(tensor):
         if tensor.requires_grad:  # an activation of h; weights and inputs are held anyway
@@ -206,7 +236,8 @@ def jacobian_memory(diffusion_model, f, h):
     finally:
         for hook in hooks:
             hook.remove()
-    return SCORE_COPIES_PER_PRODUCT * max(sizes) * torch.finfo(torch.float32).bits // 8, sum(saved.values())
+    graph = sum(saved.values())
+    return SCORE_BLOCK_COPIES * max(blocks) + graph, graph
 
 
 def latent_mask(mask, latent):
@@ -288,9 +319,13 @@ class RegionJacobianDirection(io.ComfyNode):
         region = latent_mask(mask, x)
         f, h = bottleneck_function(model, x, sigma, positive)
         # The largest block of products: the ratio search's VJP of its k + guard vectors, inside and outside.
-        per_product, graph = jacobian_memory(diffusion_model, f, h)
+        per_vector, graph = jacobian_memory(diffusion_model, f, h)
         max_batch = items_per_call(model, x.shape, 2 * (k + GUARD_VECTORS),
-                                   least_per_item=per_product / PRODUCT_SHARE_OF_FREE, held=graph)
+                                   least_per_item=per_vector / PRODUCT_SHARE_OF_FREE, held=graph)
+        # No more vectors than keep the products within the working memory ComfyUI plans for a sampling
+        # step on this latent: the search then needs little more memory than sampling it does.
+        step = model.model.memory_required([2 * x.shape[0], *x.shape[1:]])
+        max_batch = max(1, min(max_batch, int(step // per_vector)))
         # The core reports the total over all its searches with every update.
         found = region_directions(f, h, region, k=k, confinement=confinement, r=r, ridge=ridge, max_iter=iterations,
                                   seed=seed, progress=progress_reporter(iterations), max_batch=max_batch)

@@ -262,3 +262,33 @@ def test_products_in_chunks_find_the_same_directions_and_copy_only_the_blocks_af
     torch.testing.assert_close(chunked.vectors, whole.vectors, rtol=0, atol=1e-3)
     copied = {name for name, tensor in originals.items() if used[name].data_ptr() != tensor.data_ptr()}
     assert copied == {name for name in originals if name.startswith(region.AFTER_BOTTLENECK)} and copied
+
+
+def test_the_products_with_blocked_attention_equal_autograd_through_the_hosts_attention(host, monkeypatch):
+    """The JVP and VJP the search uses, with attention in blocks of 16 rows, against ComfyUI's own attention.
+
+    Both are exact float32 derivatives of the same function: they differ only in the order of the
+    attention's sums and in the softmax's formula, a few ulps (6e-8 relative) per attention, carried
+    through the tiny U-Net's output blocks (about 40 layers, each amplifying a relative error by at
+    most its gain, O(1) after GroupNorm). That bounds the products' relative difference by about
+    40 x 10 x 6e-8 = 2.4e-5, under the 1e-4 allowed; a wrong derivative (a dropped term) is off by O(1).
+    """
+    region = host.pack_module("nodes.region_jacobian")
+    core = host.pack_module("ngdm_core.region_jacobian")
+    monkeypatch.setattr(region, "rows_per_block", lambda *_: 16)  # 256 tokens: 16 blocks per self-attention
+    generator = torch.Generator().manual_seed(1)
+    with torch.inference_mode():
+        model = host.tiny_model("eps")
+        x = model.model.process_latent_in(torch.randn(1, 4, SIZE, SIZE, generator=generator))
+        f, h = region.bottleneck_function(model, x, 3.0, host.tiny_conditioning("p"))
+        vectors = torch.randn(2, *h.shape[1:], generator=generator)
+        covectors = torch.randn(2, 1, 4, SIZE, SIZE, generator=generator)
+        products = []
+        for attention in ("blocked", "host"):
+            if attention == "host":  # read by each call of f, so f itself now runs ComfyUI's attention
+                monkeypatch.setattr(region, "blocked_attention_override", lambda own, *args, **kwargs: own(*args,
+                                                                                                            **kwargs))
+            linearisation = core.Linearisation(f, h)
+            products.append((linearisation.eps, linearisation.jvp(vectors), linearisation.vjp(covectors)))
+    for blocked, exact in zip(*products):
+        assert ((blocked - exact).norm() / exact.norm()).item() < 1e-4
