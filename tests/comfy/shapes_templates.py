@@ -185,7 +185,7 @@ def region_direction(index=7, source_class="square", denoise=0.5, strength=30.0,
     loader, source, latent, classes = _source_nodes(g, index, source_class)
     directions = g.add("RegionJacobianDirection", model=(loader, 0), latent=(latent, 0),
                        positive=(classes["source"], 0), mask=(source, 1), probe_percent=denoise, k=k, r=1,
-                       iterations=iterations, seed=0, add_noise=True, confinement="ratio", ridge=1.0)
+                       iterations=iterations, seed=0, add_noise=True, confinement="ratio", ridge=2.0)
     results = []
     for shift in (-strength, 0.0, strength):
         shifted = g.add("ApplyRegionDirection", model=(loader, 0), directions=(directions, 0), index=0,
