@@ -109,6 +109,8 @@ def parse_arguments(argv=None):
     parser.add_argument("--mapping-study", action="store_true",
                         help="instead of the benchmark's rows: NGDM with each mapping (ngdm, linear), DifferentialDiffusion "
                              "and masked sampling on the soft map and NGDMWeightMap's default map, at each start")
+    parser.add_argument("--scheduler", default="simple",
+                        help="KSampler's scheduler for the edits (the maps keep NGDMWeightMap's own schedule)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--out", help="path of the results without extension (.md and .json) (default: "
                                       "benchmarks/results/comfy_quality with the default settings, else "
@@ -123,9 +125,10 @@ def parse_arguments(argv=None):
         parser.error(f"--core: no file {args.core}")
     if "COMFYUI_PATH" not in os.environ:
         parser.error("COMFYUI_PATH must name a ComfyUI checkout")
-    default = all(getattr(args, name) == value for name, value in DEFAULT_SETTINGS.items()) and not args.mapping_study
+    default = all(getattr(args, name) == value for name, value in DEFAULT_SETTINGS.items()) and not args.mapping_study \
+        and args.scheduler == "simple"
     if args.out is None:
-        study = "_mapping" if args.mapping_study else ""
+        study = ("_mapping" if args.mapping_study else "") + ("" if args.scheduler == "simple" else f"_{args.scheduler}")
         args.out = str(COMMITTED_RESULTS) if default else \
             f"comfy_quality{study}_count{args.count}_steps{args.steps}_cfg{args.cfg:g}"
     elif not default and Path(args.out).resolve() == COMMITTED_RESULTS.resolve():
@@ -161,9 +164,10 @@ def register_counter():
 class EditGraph:
     """One source's graph: the loader, the source, its encoding and the class prompts, then edits added to it."""
 
-    def __init__(self, index, source_class, target_class, settings: EditSettings):
+    def __init__(self, index, source_class, target_class, settings: EditSettings, scheduler="simple"):
         from comfy_execution.graph_utils import GraphBuilder
         self.graph, self.index, self.settings = GraphBuilder(prefix=""), index, settings
+        self.scheduler = scheduler
         self.loader = self.graph.node("NGDMShapesModelLoader")
         self.image = self.graph.node("NGDMShapesSource", data_set="benchmark", index=index)
         self.latent = self.graph.node("VAEEncode", pixels=self.image.out(0), vae=self.loader.out(1))
@@ -193,7 +197,7 @@ class EditGraph:
         steps = max(1, round(start * self.settings.steps))
         sampled = self.graph.node("KSampler", model=self.counted(model, f"{method}, {setting}"),
                                   seed=item_seed(self.settings, self.index, START_NOISE), steps=steps,
-                                  cfg=self.settings.cfg, sampler_name="euler", scheduler="simple",
+                                  cfg=self.settings.cfg, sampler_name="euler", scheduler=self.scheduler,
                                   positive=self.classes[self.target_class].out(0),
                                   negative=self.classes["unconditional"].out(0), latent_image=latent, denoise=start)
         self.capture((method, setting), self.graph.node("VAEDecode", samples=sampled.out(0), vae=self.loader.out(1)))
@@ -229,10 +233,10 @@ def study_plan(mapping_study):
     return (STUDY_MAPS, STUDY_METHODS, False) if mapping_study else (MAPS, PER_PIXEL_METHODS, True)
 
 
-def quality_graph(index, source_class, target_class, settings, mapping_study=False):
+def quality_graph(index, source_class, target_class, settings, mapping_study=False, scheduler="simple"):
     """Every setting of the benchmark (or of the mapping study) for one source, as one graph."""
     maps, methods, with_sdedit = study_plan(mapping_study)
-    graph = EditGraph(index, source_class, target_class, settings)
+    graph = EditGraph(index, source_class, target_class, settings, scheduler)
     for start in STARTS if with_sdedit else ():
         graph.edit("SDEdit", f"strength {start}", graph.loader.out(0), graph.latent.out(0), start)
     for name in maps:
@@ -278,13 +282,14 @@ def evaluations_of(method, setting):
 
 
 class ComfyRules:
-    """A core denoiser computing as ComfyUI does: ComfyUI's "simple" sigmas, the map's level by ``percent_to_sigma``,
-    and (``shapes_agreement.comfy_rule_denoiser``) its nearest-integer timestep into the U-Net."""
+    """A core denoiser computing as ComfyUI does: ComfyUI's sigmas of ``scheduler``, the map's level by
+    ``percent_to_sigma``, and (``shapes_agreement.comfy_rule_denoiser``) its nearest-integer timestep into the U-Net."""
 
-    def __init__(self, host, model):
+    def __init__(self, host, model, scheduler="simple"):
         import shapes_agreement
         self.denoiser = shapes_agreement.comfy_rule_denoiser(host, model)
         self.model_sampling = model.get_model_object("model_sampling")
+        self.scheduler = scheduler
 
     def __call__(self, x, sigma, cond=None):
         return self.denoiser(x, sigma, cond)
@@ -294,7 +299,7 @@ class ComfyRules:
 
     def sigmas(self, steps):
         import comfy.samplers
-        return comfy.samplers.calculate_sigmas(self.model_sampling, "simple", steps).cpu()
+        return comfy.samplers.calculate_sigmas(self.model_sampling, self.scheduler, steps).cpu()
 
     def sigma_at(self, strength):
         return float(self.model_sampling.percent_to_sigma(1.0 - strength))
@@ -342,11 +347,12 @@ def quality(host, args, settings, log):
     ground_truth, union = ground_truth_edit(BENCHMARK_SEED, args.count, targets)
     keep = 1 - dilated(union, PRESERVE_MARGIN)
     everywhere = torch.ones_like(union)
-    comfy_rules = ComfyRules(host, host.pack_module("nodes.shapes").load_shapes_model()[0])
+    comfy_rules = ComfyRules(host, host.pack_module("nodes.shapes").load_shapes_model()[0], args.scheduler)
     edited, evaluations, apart = {}, {}, {}
     for index in range(args.count):
         began = time.perf_counter()
-        graph = quality_graph(index, *classes_of(batch.labels, targets, index), settings, args.mapping_study)
+        graph = quality_graph(index, *classes_of(batch.labels, targets, index), settings, args.mapping_study,
+                              args.scheduler)
         images = run_graph(host, host.new_executor(), graph)
         core = core_edits(comfy_rules, index, int(batch.labels[index]), int(targets[index]), settings,
                           args.mapping_study)
