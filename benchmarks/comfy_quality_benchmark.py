@@ -3,6 +3,8 @@
     python benchmarks/quality_benchmark.py --count 20 --out benchmarks/results/quality_count20   # the core rows
     COMFYUI_PATH=<ComfyUI> python benchmarks/comfy_quality_benchmark.py --core benchmarks/results/quality_count20.json
     # the committed run: 20 sources, about 8 minutes on one CPU thread
+    COMFYUI_PATH=<ComfyUI> python benchmarks/comfy_quality_benchmark.py --mapping-study --timing-edits 0 \
+        --out benchmarks/results/comfy_quality_mapping   # NGDM's two mappings beside DifferentialDiffusion
 
 Each source N of data seed 2 (the ``benchmark`` set of the Shapes Source node) is edited into the
 class ``1 + N % 2`` after its own by one graph, run by ComfyUI's ``PromptExecutor``: the shipped
@@ -33,6 +35,10 @@ a CFG step 2, each edit charged its map's evaluations. ``--core`` puts the core 
 timed both ways, interleaved on the same sources (``--timing-edits``): the graph through one
 persistent executor (the loader cached, as in a running ComfyUI), against ``ngdm_core`` with the
 model loaded once.
+
+``--mapping-study`` runs other rows instead: PerPixelTimeModel with each ``mapping`` ("NGDM" the power
+law, "NGDM linear" DifferentialDiffusion's rule), DifferentialDiffusion and masked sampling, on the soft
+map and on the map NGDMWeightMap makes with its own defaults, from each start.
 """
 
 import argparse
@@ -66,15 +72,25 @@ DEFAULT_SETTINGS = {"count": 20, "steps": 20, "cfg": 3.0}
 COMMITTED_RESULTS = HERE / "results" / "comfy_quality"
 COUNTER = "BenchmarkEvaluationCounter"
 SOFT = (10.0, 5.0)  # NGDM's default (a, b), one of the core benchmark's soft maps
+SOFT_MAP = f"soft a={SOFT[0]:g}, b={SOFT[1]:g}"
 CHANGE_STEPS = CHANGE_MAP_STEPS[0]
 # NGDMWeightMap's inputs per map; the names are the core benchmark's, so rows pair by name.
 MAPS = {
     "DiffEdit binary": {"mode": "diffedit", "purpose": MAP_NOISE},
-    f"soft a={SOFT[0]:g}, b={SOFT[1]:g}": {"mode": "ngdm", "a": SOFT[0], "b": SOFT[1], "purpose": MAP_NOISE},
+    SOFT_MAP: {"mode": "ngdm", "a": SOFT[0], "b": SOFT[1], "purpose": MAP_NOISE},
     f"change, {CHANGE_STEPS} steps": {"mode": "change", "encode_strength": 1.0, "change_steps": CHANGE_STEPS,
                                       "change_edits": 1, "change_softness": 0.0, "purpose": CHANGE_MAP_NOISE},
 }
-TIMED_MAP, TIMED_START = f"soft a={SOFT[0]:g}, b={SOFT[1]:g}", 0.7
+# NGDMWeightMap's own defaults (mode change, 5 steps from 0.7, 2 edits, softness 0.2): the map a user gets, for
+# --mapping-study. The map's CFG stays the benchmark's (the shapes model's), as on every map here.
+DEFAULT_MAP = "node default: change, 5 steps from 0.7, 2 edits, softness 0.2"
+STUDY_MAPS = {SOFT_MAP: MAPS[SOFT_MAP],
+              DEFAULT_MAP: {"mode": "change", "encode_strength": 0.7, "change_steps": 5, "change_edits": 2,
+                            "change_softness": 0.2, "purpose": CHANGE_MAP_NOISE}}
+ALL_MAPS = {**MAPS, **STUDY_MAPS}
+# PerPixelTimeModel's mapping per NGDM row.
+NGDM_MAPPINGS = {"NGDM": "ngdm", "NGDM linear": "linear"}
+TIMED_MAP, TIMED_START = SOFT_MAP, 0.7
 # Model evaluations per item counted by the wrappers, by label.
 EVALUATIONS = {}
 
@@ -90,6 +106,11 @@ def parse_arguments(argv=None):
                                        "same --count, --steps and --cfg), shown beside ComfyUI's rows")
     parser.add_argument("--timing-edits", type=int, default=10,
                         help="sources the NGDM edit is timed on, both ways, interleaved (0: no timing)")
+    parser.add_argument("--mapping-study", action="store_true",
+                        help="instead of the benchmark's rows: NGDM with each mapping (ngdm, linear), DifferentialDiffusion "
+                             "and masked sampling on the soft map and NGDMWeightMap's default map, at each start")
+    parser.add_argument("--scheduler", default="simple",
+                        help="KSampler's scheduler for the edits (the maps keep NGDMWeightMap's own schedule)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--out", help="path of the results without extension (.md and .json) (default: "
                                       "benchmarks/results/comfy_quality with the default settings, else "
@@ -104,10 +125,12 @@ def parse_arguments(argv=None):
         parser.error(f"--core: no file {args.core}")
     if "COMFYUI_PATH" not in os.environ:
         parser.error("COMFYUI_PATH must name a ComfyUI checkout")
-    default = all(getattr(args, name) == value for name, value in DEFAULT_SETTINGS.items())
+    default = all(getattr(args, name) == value for name, value in DEFAULT_SETTINGS.items()) and not args.mapping_study \
+        and args.scheduler == "simple"
     if args.out is None:
+        study = ("_mapping" if args.mapping_study else "") + ("" if args.scheduler == "simple" else f"_{args.scheduler}")
         args.out = str(COMMITTED_RESULTS) if default else \
-            f"comfy_quality_count{args.count}_steps{args.steps}_cfg{args.cfg:g}"
+            f"comfy_quality{study}_count{args.count}_steps{args.steps}_cfg{args.cfg:g}"
     elif not default and Path(args.out).resolve() == COMMITTED_RESULTS.resolve():
         parser.error("--out: the committed results come from the default settings; write this run elsewhere")
     return args
@@ -141,9 +164,10 @@ def register_counter():
 class EditGraph:
     """One source's graph: the loader, the source, its encoding and the class prompts, then edits added to it."""
 
-    def __init__(self, index, source_class, target_class, settings: EditSettings):
+    def __init__(self, index, source_class, target_class, settings: EditSettings, scheduler="simple"):
         from comfy_execution.graph_utils import GraphBuilder
         self.graph, self.index, self.settings = GraphBuilder(prefix=""), index, settings
+        self.scheduler = scheduler
         self.loader = self.graph.node("NGDMShapesModelLoader")
         self.image = self.graph.node("NGDMShapesSource", data_set="benchmark", index=index)
         self.latent = self.graph.node("VAEEncode", pixels=self.image.out(0), vae=self.loader.out(1))
@@ -157,7 +181,7 @@ class EditGraph:
 
     def weight_map(self, name):
         """NGDMWeightMap as the core benchmark's map ``name``, seeded with the core's draw for this item."""
-        options = dict(MAPS[name])
+        options = dict(ALL_MAPS[name])
         purpose = options.pop("purpose")
         inputs = {"seed": item_seed(self.settings, self.index, purpose), "num_maps": self.settings.num_maps,
                   "encode_strength": self.settings.map_strength, "cfg": self.settings.cfg, "smoothing": 1.0,
@@ -173,7 +197,7 @@ class EditGraph:
         steps = max(1, round(start * self.settings.steps))
         sampled = self.graph.node("KSampler", model=self.counted(model, f"{method}, {setting}"),
                                   seed=item_seed(self.settings, self.index, START_NOISE), steps=steps,
-                                  cfg=self.settings.cfg, sampler_name="euler", scheduler="simple",
+                                  cfg=self.settings.cfg, sampler_name="euler", scheduler=self.scheduler,
                                   positive=self.classes[self.target_class].out(0),
                                   negative=self.classes["unconditional"].out(0), latent_image=latent, denoise=start)
         self.capture((method, setting), self.graph.node("VAEDecode", samples=sampled.out(0), vae=self.loader.out(1)))
@@ -184,11 +208,11 @@ class EditGraph:
         self.edits[self.graph.node(shapes_templates.CAPTURE, images=images.out(0)).id] = key
 
     def per_pixel(self, method, name, weights, start):
-        """``method`` ("NGDM", "DifferentialDiffusion" or "masked sampling") on map ``name`` from ``start``."""
+        """``method`` (one of ``STUDY_METHODS``) on map ``name`` from ``start``."""
         model = self.loader.out(0)
         latent = weights.out(1)  # the source latent with the map as its noise_mask
-        if method == "NGDM":
-            model = self.graph.node("PerPixelTimeModel", model=model, mapping="ngdm",
+        if method in NGDM_MAPPINGS:
+            model = self.graph.node("PerPixelTimeModel", model=model, mapping=NGDM_MAPPINGS[method],
                                     start_rule="first_at_or_below").out(0)
         elif method == "DifferentialDiffusion":
             model = self.graph.node("DifferentialDiffusion", model=model, strength=1.0).out(0)
@@ -201,17 +225,24 @@ class EditGraph:
 
 
 PER_PIXEL_METHODS = ("NGDM", "DifferentialDiffusion", "masked sampling")
+STUDY_METHODS = ("NGDM", "NGDM linear", "DifferentialDiffusion", "masked sampling")
 
 
-def quality_graph(index, source_class, target_class, settings):
-    """Every setting of the benchmark for one source, as one graph."""
-    graph = EditGraph(index, source_class, target_class, settings)
-    for start in STARTS:
+def study_plan(mapping_study):
+    """The maps and per-pixel methods of a run, and whether it has SDEdit's rows."""
+    return (STUDY_MAPS, STUDY_METHODS, False) if mapping_study else (MAPS, PER_PIXEL_METHODS, True)
+
+
+def quality_graph(index, source_class, target_class, settings, mapping_study=False, scheduler="simple"):
+    """Every setting of the benchmark (or of the mapping study) for one source, as one graph."""
+    maps, methods, with_sdedit = study_plan(mapping_study)
+    graph = EditGraph(index, source_class, target_class, settings, scheduler)
+    for start in STARTS if with_sdedit else ():
         graph.edit("SDEdit", f"strength {start}", graph.loader.out(0), graph.latent.out(0), start)
-    for name in MAPS:
+    for name in maps:
         weights = graph.weight_map(name)
         for start in STARTS:
-            for method in PER_PIXEL_METHODS:
+            for method in methods:
                 graph.per_pixel(method, name, weights, start)
     return graph
 
@@ -246,18 +277,19 @@ def classes_of(labels, targets, index):
 
 def evaluations_of(method, setting):
     """The edit's evaluations, its map's included."""
-    map_name = next((name for name in MAPS if setting.startswith(name + ", start")), None)
+    map_name = next((name for name in ALL_MAPS if setting.startswith(name + ", start")), None)
     return EVALUATIONS.get(f"{method}, {setting}", 0) + (EVALUATIONS.get(f"map {map_name}", 0) if map_name else 0)
 
 
 class ComfyRules:
-    """A core denoiser computing as ComfyUI does: ComfyUI's "simple" sigmas, the map's level by ``percent_to_sigma``,
-    and (``shapes_agreement.comfy_rule_denoiser``) its nearest-integer timestep into the U-Net."""
+    """A core denoiser computing as ComfyUI does: ComfyUI's sigmas of ``scheduler``, the map's level by
+    ``percent_to_sigma``, and (``shapes_agreement.comfy_rule_denoiser``) its nearest-integer timestep into the U-Net."""
 
-    def __init__(self, host, model):
+    def __init__(self, host, model, scheduler="simple"):
         import shapes_agreement
         self.denoiser = shapes_agreement.comfy_rule_denoiser(host, model)
         self.model_sampling = model.get_model_object("model_sampling")
+        self.scheduler = scheduler
 
     def __call__(self, x, sigma, cond=None):
         return self.denoiser(x, sigma, cond)
@@ -267,31 +299,43 @@ class ComfyRules:
 
     def sigmas(self, steps):
         import comfy.samplers
-        return comfy.samplers.calculate_sigmas(self.model_sampling, "simple", steps).cpu()
+        return comfy.samplers.calculate_sigmas(self.model_sampling, self.scheduler, steps).cpu()
 
     def sigma_at(self, strength):
         return float(self.model_sampling.percent_to_sigma(1.0 - strength))
 
 
-def core_edits(denoiser, index, source_class, target_class, settings):
-    """Every setting of :func:`quality_graph` for one source, in ``ngdm_core`` (the core benchmark's functions and draws)."""
+def core_map(denoiser, name, source, source_class, target_class, settings, index):
+    """The core's map ``name`` of ``ALL_MAPS`` for one source, from the item's draws."""
+    options = ALL_MAPS[name]
+    if options["mode"] == "change":
+        return change_map(denoiser, source, source_class, target_class, settings, options["change_steps"],
+                          edits=options["change_edits"], strength=options["encode_strength"],
+                          softness=options["change_softness"], indices=[index])
+    difference = map_difference(denoiser, source, source_class, target_class, settings, [index])
+    return diffedit_mask(difference) if options["mode"] == "diffedit" else \
+        ngdm_weights(difference, a=options["a"], b=options["b"])
+
+
+def core_edits(denoiser, index, source_class, target_class, settings, mapping_study=False):
+    """Every setting of :func:`quality_graph` for one source, in ``ngdm_core`` (the core benchmark's functions and draws).
+
+    DifferentialDiffusion's core edit is the linear mapping, so "NGDM linear" has the same core edit."""
+    maps, methods, with_sdedit = study_plan(mapping_study)
     source = make_batch(BENCHMARK_SEED, 1, start=index).images
     source_class, target_class = torch.tensor([source_class]), torch.tensor([target_class])
     edits = {("SDEdit", f"strength {start}"): sdedit(denoiser, source, target_class, settings, start, [index])
-             for start in STARTS}
-    difference = map_difference(denoiser, source, source_class, target_class, settings, [index])
-    maps = dict(zip(MAPS, (diffedit_mask(difference), ngdm_weights(difference, a=SOFT[0], b=SOFT[1]),
-                           change_map(denoiser, source, source_class, target_class, settings, CHANGE_STEPS,
-                                      indices=[index]))))
-    for name, weights in maps.items():
+             for start in (STARTS if with_sdedit else ())}
+    mappings = {**NGDM_MAPPINGS, "DifferentialDiffusion": "linear"}
+    for name in maps:
+        weights = core_map(denoiser, name, source, source_class, target_class, settings, index)
         for start in STARTS:
             setting = f"{name}, start {start}"
-            edits["NGDM", setting] = per_pixel_time(denoiser, source, target_class, weights, settings, start=start,
-                                                    indices=[index])
-            edits["DifferentialDiffusion", setting] = per_pixel_time(denoiser, source, target_class, weights, settings,
-                                                                     "linear", start=start, indices=[index])
-            edits["masked sampling", setting] = masked_sampling(denoiser, source, target_class, weights, settings,
-                                                                start, [index])
+            for method in methods:
+                edits[method, setting] = per_pixel_time(denoiser, source, target_class, weights, settings,
+                                                        mappings[method], start=start, indices=[index]) \
+                    if method in mappings else masked_sampling(denoiser, source, target_class, weights, settings,
+                                                               start, [index])
     return edits
 
 
@@ -303,13 +347,15 @@ def quality(host, args, settings, log):
     ground_truth, union = ground_truth_edit(BENCHMARK_SEED, args.count, targets)
     keep = 1 - dilated(union, PRESERVE_MARGIN)
     everywhere = torch.ones_like(union)
-    comfy_rules = ComfyRules(host, host.pack_module("nodes.shapes").load_shapes_model()[0])
+    comfy_rules = ComfyRules(host, host.pack_module("nodes.shapes").load_shapes_model()[0], args.scheduler)
     edited, evaluations, apart = {}, {}, {}
     for index in range(args.count):
         began = time.perf_counter()
-        graph = quality_graph(index, *classes_of(batch.labels, targets, index), settings)
+        graph = quality_graph(index, *classes_of(batch.labels, targets, index), settings, args.mapping_study,
+                              args.scheduler)
         images = run_graph(host, host.new_executor(), graph)
-        core = core_edits(comfy_rules, index, int(batch.labels[index]), int(targets[index]), settings)
+        core = core_edits(comfy_rules, index, int(batch.labels[index]), int(targets[index]), settings,
+                          args.mapping_study)
         for key in graph.edits.values():
             edited.setdefault(key, []).append(images[key])
             evaluations.setdefault(key, []).append(evaluations_of(*key))

@@ -22,8 +22,12 @@ CHANGE_MODE = "change"
 # guided difference is no longer cfg times the conditional one.
 CFG_CHANGING_OPTIONS = ("sampler_cfg_function", "sampler_post_cfg_function", "sampler_pre_cfg_function",
                         "sampler_calc_cond_batch_function", "disable_cfg1_optimization")
-MAPPING_TOOLTIP = ("ngdm: each pixel starts at sigma_k = sqrt((1 + sigma_T^2)^lambda - 1), so noise grows as the paper's "
-                   "non-isotropic process. linear: DifferentialDiffusion's threshold on the normalised timestep, for comparison.")
+MAPPING_TOOLTIP = ("ngdm (default): each pixel starts at sigma_k = sqrt((1 + sigma_T^2)^lambda - 1), the paper's power law; "
+                   "weight-0 pixels never start, on every scheduler. linear: DifferentialDiffusion's threshold on the "
+                   "normalised timestep; it starts partial weights later, keeping more around a soft map's edit, but on "
+                   "schedulers whose last step is at timestep 0 (normal, karras) it re-denoises weight-0 pixels there. "
+                   "On the shapes benchmark: linear kept 4 to 17 dB more outside the edit with 'simple' and on soft maps, "
+                   "ngdm 20 to 21 dB more with 'normal' on the default change map, at the same success.")
 START_RULE_TOOLTIP = ("Where a pixel whose start time falls between two steps begins. first_at_or_below: at the first "
                       "step with sigma <= its start, so no pixel gets more noise than its weight asks (as "
                       "DifferentialDiffusion). last_at_or_above: one step earlier, at the smallest step sigma >= its "

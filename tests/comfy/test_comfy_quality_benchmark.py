@@ -76,3 +76,28 @@ def test_evaluations_are_counted_in_closed_form(edits, benchmark):
     assert evaluations[f"map {MAP}"] == 2 * NUM_MAPS
     for method in benchmark.PER_PIXEL_METHODS:
         assert evaluations[f"{method}, {MAP}, start 1.0"] == 2 * STEPS
+
+
+def test_on_a_soft_map_the_linear_mapping_is_differential_diffusions_edit_and_the_power_law_another(host, benchmark):
+    """The mapping study's claim, on one source with the "simple" scheduler: PerPixelTimeModel with mapping "linear"
+    makes DifferentialDiffusion's edit, so the study's linear rows are DifferentialDiffusion's, and "ngdm" changes the
+    edit on a soft map."""
+    from ngdm_core.shapes.data import make_batch, other_class
+    batch = make_batch(benchmark.BENCHMARK_SEED, 1)
+    settings = benchmark.EditSettings(steps=4, cfg=3.0, num_maps=NUM_MAPS)
+    graph = benchmark.EditGraph(0, *benchmark.classes_of(batch.labels, other_class(batch.labels), 0), settings)
+    weights = graph.weight_map(benchmark.SOFT_MAP)
+    for method in ("NGDM", "NGDM linear", "DifferentialDiffusion"):
+        graph.per_pixel(method, benchmark.SOFT_MAP, weights, 1.0)
+    images = benchmark.run_graph(host, host.new_executor(), graph)
+    edit = {method: images[method, f"{benchmark.SOFT_MAP}, start 1.0"] for method in ("NGDM", "NGDM linear",
+                                                                                        "DifferentialDiffusion")}
+    # Both nodes hand ComfyUI the same 0/1 mask at every step (weight >= the normalised timestep), and ComfyUI
+    # blends and samples the same way after it, so the edits are the same floats, not merely close.
+    assert torch.equal(edit["NGDM linear"], edit["DifferentialDiffusion"])
+    # On 4 "simple" steps (sigma 157, 17.2, 3.42, 0.95; timesteps 999, 749, 499, 249) the linear rule starts a weight
+    # at the step whose timestep / 999 falls to it, the power law where sqrt((1 + 157^2)^w - 1) reaches the step's
+    # sigma: weights in [0.064, 0.249), [0.252, 0.500) and [0.563, 0.75) start a step earlier under the power law,
+    # and the soft map spans them. A pixel denoised one more step moves by a visible amount, where float32 rounding
+    # moves it by about 1e-7: a mean difference over the image above 1e-3 separates the two.
+    assert (edit["NGDM"] - edit["DifferentialDiffusion"]).abs().mean().item() > 1e-3
