@@ -9,11 +9,19 @@ inside the mask, and the node's ratio directions (found at the edit's first stat
 finds them) are applied at the shift that matches it, once per ``--ridges`` value. Each ratio
 direction is also applied at ``--fractions`` of its matched shift, unmatched: if its leakage
 fell to the linearised leakage at a small shift, the gap would come from the shift's size; if
-it stays, from the edit's later states. Prints a JSON summary; writes nothing.
+it stays, from the edit's later states. With ``--windows``, each ratio direction is also applied
+only over a window of the edit's steps (the window a user sets with ApplyRegionDirection's start
+and end percents), at the shift that matches the same change inside; with ``--later-probe``, a
+ratio direction is also searched at the state of the window's middle step (the plain edit's)
+and applied over that window. Prints a JSON summary; writes nothing.
+
+    /tmp/cpu-run python benchmarks/region_confinement_benchmark.py --ridges 2 --fractions \
+        --windows 0:1 0:0.5 0.5:1 0:0.25 --later-probe
 """
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -21,12 +29,40 @@ import time
 import torch
 
 from ngdm_core.shapes.data import make_batch
-from ngdm_core.shapes.edits import sdedit
+from ngdm_core.shapes.edits import sdedit, truncated_sigmas
 from ngdm_core.shapes.region import find_directions
 from quality_benchmark import BENCHMARK_SEED
 from region_quality_benchmark import DEFAULTS, benchmark_edit, matched_edit, measured_edit
 
 GOAL_LEAKAGE = 0.15  # issue #23's goal for the mean leakage over the 20 sources
+
+
+def step_window(text):
+    """``(start, end)`` from ``START:END``, fractions of the edit's steps with ``0 <= START < END <= 1``."""
+    try:
+        start, end = (float(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a window is START:END, fractions of the edit's steps, got {text!r}")
+    if not 0 <= start < end <= 1:
+        raise argparse.ArgumentTypeError(f"a window needs 0 <= START < END <= 1, got {text!r}")
+    return start, end
+
+
+def window_steps(window, steps):
+    """``(first, last)``: the steps ``i`` of an edit of ``steps`` with ``start <= i / steps < end``."""
+    inside = [step for step in range(steps) if window[0] <= step / steps < window[1]]
+    if not inside:
+        raise SystemExit(f"--windows: {window[0]:g}:{window[1]:g} holds none of the edit's {steps} steps")
+    return inside[0], inside[-1]
+
+
+def sigma_range(sigmas, first, last):
+    """``(low, high)``: sigmas that hold the steps ``first`` to ``last`` of an edit over ``sigmas`` and no other.
+
+    Bounds halfway between neighbouring steps' sigmas, so no step sits on a bound.
+    """
+    high = math.inf if first == 0 else float(sigmas[first - 1] + sigmas[first]) / 2
+    return float(sigmas[last] + sigmas[last + 1]) / 2, high
 
 
 def parse_arguments(argv=None):
@@ -39,6 +75,11 @@ def parse_arguments(argv=None):
                         help="ridges of the ratio search (relative to the outside's mean energy)")
     parser.add_argument("--fractions", type=float, nargs="*", default=[0.25],
                         help="fractions of the matched shift each ratio direction is also applied at")
+    parser.add_argument("--windows", type=step_window, nargs="*", default=[],
+                        help="START:END windows, fractions of the edit's steps, each ratio direction is also "
+                             "applied over alone (0:1 is the whole edit)")
+    parser.add_argument("--later-probe", action="store_true",
+                        help="also search each ratio direction at the state of each window's middle step")
     args = parser.parse_args(argv)
     if args.count < 1:
         parser.error(f"--count must be at least 1, got {args.count}")
@@ -70,10 +111,12 @@ def main(argv=None):
     denoiser, settings, strength = benchmark_edit()
     batch = make_batch(BENCHMARK_SEED, args.offset + args.count)
     rows, started = {}, time.time()
+    sigmas = truncated_sigmas(denoiser, settings, strength)
+    windows = [window_steps(window, len(sigmas) - 1) for window in args.windows]
 
-    def found_for(source, label, mask, **search):
+    def found_for(source, label, mask, probe_steps=None, **search):
         begun = time.time()
-        found = find_directions(denoiser, source, label, mask, settings, strength, k=1, **search)
+        found = find_directions(denoiser, source, label, mask, settings, strength, probe_steps, k=1, **search)
         return found, {"linearised_leakage": found.leakage[0].item(), "seconds": time.time() - begun,
                        "iterations": found.iterations, "converged": found.converged}
 
@@ -93,12 +136,28 @@ def main(argv=None):
                 leakage, _ = measured_edit(*edit, found.vectors[0], plain, mask, settings, strength, shift * fraction)
                 rows.setdefault(f"ratio_ridge_{ridge:g}_at_{fraction:g}_of_the_shift", []).append(
                     {**row, "leakage": leakage, "shift": shift * fraction})
+            for first, last in windows:
+                window = sigma_range(sigmas, first, last)
+                leakage, _, windowed_shift = matched_edit(*edit, found.vectors[0], plain, mask, settings, strength,
+                                                          target, args.shift, window)
+                rows.setdefault(f"ratio_ridge_{ridge:g}_over_steps_{first}_to_{last}", []).append(
+                    {**row, "leakage": leakage, "shift": windowed_shift})
+                if args.later_probe:
+                    middle = (first + last) // 2
+                    later, later_row = found_for(source, label, mask, probe_steps=(middle,), confinement="ratio",
+                                                 ridge=ridge)
+                    leakage, _, windowed_shift = matched_edit(*edit, later.vectors[0], plain, mask, settings,
+                                                              strength, target, args.shift, window)
+                    rows.setdefault(f"ratio_ridge_{ridge:g}_probed_at_step_{middle}_over_steps_{first}_to_{last}",
+                                    []).append({**later_row, "leakage": leakage, "shift": windowed_shift})
         log(f"source {index}: " + ", ".join(f"{name} {values[-1]['leakage']:.3f} (shift {values[-1]['shift']:.1f})"
                                             for name, values in rows.items()) + f"; {time.time() - started:.0f} s")
     unconfined_shifts = [row["shift"] for row in rows["unconfined"]]
     print(json.dumps({"sources": [args.offset, args.offset + args.count], "data_seed": BENCHMARK_SEED,
                       "steps": settings.steps, "cfg": settings.cfg, "edit_strength": strength,
                       "unconfined_shift": args.shift,
+                      "windows": {f"steps_{first}_to_{last}": {"sigma_range": sigma_range(sigmas, first, last)}
+                                  for first, last in windows},
                       "methods": {name: summary(values, unconfined_shifts) for name, values in rows.items()},
                       "per_source_leakage": {name: [round(row["leakage"], 4) for row in values]
                                              for name, values in rows.items()},

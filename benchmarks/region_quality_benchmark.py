@@ -16,6 +16,7 @@ and keeps every other key.
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -26,7 +27,7 @@ import torch
 from ngdm_core.shapes.data import make_batch
 from ngdm_core.shapes.edits import EditSettings, sdedit
 from ngdm_core.shapes.model import UNET_FILE, load_denoiser
-from ngdm_core.shapes.region import PRESERVE_MARGIN, edit_leakage, find_directions, region_edit
+from ngdm_core.shapes.region import PRESERVE_MARGIN, edit_leakage, find_directions, shifted_denoiser
 from quality_benchmark import BENCHMARK_SEED
 
 RESULTS = Path(__file__).parent / "results" / "quality.json"
@@ -49,19 +50,27 @@ def parse_arguments(argv=None):
     return args
 
 
-def measured_edit(denoiser, source, label, direction, plain, mask, settings, strength, shift):
-    """``(leakage, change inside)`` of the edit along ``direction`` at ``shift``."""
-    edited = region_edit(denoiser, source, label, direction, shift, settings, strength)
+def measured_edit(denoiser, source, label, direction, plain, mask, settings, strength, shift,
+                  sigma_range=(0.0, math.inf)):
+    """``(leakage, change inside)`` of the edit along ``direction`` at ``shift``, applied at sigmas in ``sigma_range``.
+
+    The whole range is :func:`ngdm_core.shapes.region.region_edit`; a narrower one is the
+    window a user sets with ApplyRegionDirection's start and end percents.
+    """
+    edited = sdedit(shifted_denoiser(denoiser, direction, shift, *sigma_range), source,
+                    torch.as_tensor(label).reshape(-1), settings, strength)
     return tuple(value.item() for value in edit_leakage(edited, plain, mask))
 
 
-def matched_edit(denoiser, source, label, direction, plain, mask, settings, strength, target, shift):
+def matched_edit(denoiser, source, label, direction, plain, mask, settings, strength, target, shift,
+                 sigma_range=(0.0, math.inf)):
     """``(leakage, change inside, shift)`` of the edit along ``direction`` whose change inside the mask is ``target``.
 
     Two corrections of the shift, each by ``target / change inside``, from ``shift``.
     """
     for correction in range(3):
-        leakage, inside = measured_edit(denoiser, source, label, direction, plain, mask, settings, strength, shift)
+        leakage, inside = measured_edit(denoiser, source, label, direction, plain, mask, settings, strength, shift,
+                                        sigma_range)
         if correction < 2:
             shift = shift * target / inside
     return leakage, inside, shift
