@@ -11,6 +11,7 @@ included), so no box overlaps another. The tests run the committed JSON, not thi
 import json
 import os
 import sys
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STEPS = 20
@@ -333,9 +334,11 @@ def main():
         with open(os.path.join(folder, f"{name}.json"), "w") as f:
             json.dump(to_ui(build()), f, indent=1)
             f.write("\n")
+        began = time.perf_counter()
         (images,) = run_template(host, name).values()
+        seconds = time.perf_counter() - began
         thumbnail(images).convert("RGB").save(os.path.join(folder, f"{name}.jpg"), quality=92)
-        print(name, tuple(images.shape))
+        print(f"{name}: {tuple(images.shape)}, queued to completion in {seconds:.1f} s")
 
 
 if __name__ == "__main__":
