@@ -23,11 +23,12 @@ import time
 import torch
 
 from ngdm_core.rectifier import train_rectifier
+from ngdm_core.shapes.catalog import BENCHMARK_SEED
 from ngdm_core.shapes.data import HELD_OUT_SEED, make_batch
 from ngdm_core.shapes.edits import EditSettings, ddim_reconstruction, ssim
 from ngdm_core.shapes.model import NULL_CLASS, UNET_FILE, ShapesDenoiser, ShapesUNet, load_model
 from ngdm_core.shapes.rectifier import RectifiedShapesDenoiser, new_rectifier
-from rectifier_quality_benchmark import BENCHMARK_SEED, RECONSTRUCTION, TRAINING_SOURCES
+from rectifier_quality_benchmark import RECONSTRUCTION, TRAINING_SOURCES
 
 STEP_COUNTS = (10, 20, 50)
 

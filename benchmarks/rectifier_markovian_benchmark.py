@@ -19,10 +19,11 @@ import time
 
 import torch
 
+from ngdm_core.shapes.catalog import BENCHMARK_SEED
 from ngdm_core.shapes.data import make_batch, other_class
 from ngdm_core.shapes.edits import EditSettings
 from ngdm_core.shapes.model import UNET_FILE, ShapesUNet, load_classifier, load_model
-from rectifier_quality_benchmark import BENCHMARK_SEED, EDIT, edits, held_out_losses, markdown, train
+from rectifier_quality_benchmark import EDIT, edits, held_out_losses, markdown, train
 
 # The paper's schedule: lr 1e-3, multiplied by 0.9 every 10 steps (the quality benchmark's EDIT keeps 2e-3).
 PAPER_SCHEDULE = {"lr": 1e-3, "lr_decay": 0.9, "lr_decay_every": 10}

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ngdm_core.rectifier import ddpm_alpha_bar, edit_loss_terms, train_edit_rectifier, train_rectifier
+from ngdm_core.shapes.catalog import BENCHMARK_SEED
 from ngdm_core.shapes.data import HELD_OUT_SEED, make_batch, other_class
 from ngdm_core.shapes.edits import (EditSettings, dilated, edit_friendly, edit_success, ground_truth_edit, invert, psnr,
                                     sdedit, ssim)
@@ -37,7 +38,6 @@ from ngdm_core.shapes.rectifier import (RectifiedShapesDenoiser, class_embedding
                                         new_rectifier)
 
 COMMITTED_RESULTS = Path(__file__).parent / "results" / "quality.json"
-BENCHMARK_SEED = 2  # the quality benchmark's sources
 PRESERVE_MARGIN = 2
 SDEDIT_STRENGTHS = (0.3, 0.5)
 EDIT_FRIENDLY_SKIPS = (0.0, 0.4)
