@@ -26,8 +26,6 @@ import statistics
 import sys
 import time
 
-import torch
-
 from ngdm_core.shapes.data import make_batch
 from ngdm_core.shapes.edits import sdedit, truncated_sigmas
 from ngdm_core.shapes.region import find_directions

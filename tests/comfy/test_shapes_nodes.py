@@ -137,7 +137,6 @@ def boxes_overlap(a, b):
 
 @pytest.mark.parametrize("name", TEMPLATES)
 def test_the_template_lays_out_every_node_apart_with_every_widget_set(host, name):
-    import nodes
     with open(os.path.join(host.PACK_ROOT, "example_workflows", f"{name}.json")) as f:
         workflow = json.load(f)
     boxes = workflow["nodes"]
