@@ -58,14 +58,14 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests" / "comfy")]
 
 import torch  # noqa: E402
-from quality_benchmark import CHANGE_MAP_STEPS, PRESERVE_MARGIN, STARTS  # noqa: E402
+from quality_benchmark import CHANGE_MAP_STEPS, STARTS  # noqa: E402
 
 from ngdm_core.ngdm import diffedit_mask, ngdm_weights  # noqa: E402
 from ngdm_core.shapes.catalog import BENCHMARK_SEED, CLASSES  # noqa: E402
 from ngdm_core.shapes.data import make_batch, other_class  # noqa: E402
 from ngdm_core.shapes.demo import DefaultsShown  # noqa: E402
-from ngdm_core.shapes.edits import (CHANGE_MAP_NOISE, MAP_NOISE, START_NOISE, EditSettings, change_map,  # noqa: E402
-                                    dilated, edit_success, ground_truth_edit, item_seed, map_difference,
+from ngdm_core.shapes.edits import (CHANGE_MAP_NOISE, MAP_NOISE, PRESERVE_MARGIN, START_NOISE, EditSettings,  # noqa: E402
+                                    change_map, dilated, edit_success, ground_truth_edit, item_seed, map_difference,
                                     masked_sampling, per_pixel_time, psnr, sdedit, ssim)
 from ngdm_core.shapes.model import load_classifier, load_denoiser  # noqa: E402
 

@@ -32,12 +32,11 @@ from ngdm_core.ngdm import diffedit_mask, ngdm_weights
 from ngdm_core.shapes.catalog import BENCHMARK_SEED
 from ngdm_core.shapes.data import make_batch, other_class
 from ngdm_core.shapes.demo import DefaultsShown
-from ngdm_core.shapes.edits import (EditSettings, EvaluationCounter, ddim_reconstruction, dilated, edit_friendly,
-                                    change_map, edit_success, ground_truth_edit, invert, iou, map_difference,
+from ngdm_core.shapes.edits import (PRESERVE_MARGIN, EditSettings, EvaluationCounter, ddim_reconstruction, dilated,
+                                    edit_friendly, change_map, edit_success, ground_truth_edit, invert, iou, map_difference,
                                     masked_sampling, per_pixel_time, psnr, sdedit, ssim)
 from ngdm_core.shapes.model import load_classifier, load_denoiser
 
-PRESERVE_MARGIN = 2
 SDEDIT_STRENGTHS = (0.3, 0.5, 0.7, 0.9)
 SOFT_MAPS = ((5, 2.5), (10, 5), (20, 10), (20, 6))  # (a, b) of the paper's sigmoid
 CHANGE_MAP_STEPS = (10, 20)  # the cheap edit's steps, over the whole schedule

@@ -31,14 +31,13 @@ import torch
 from ngdm_core.rectifier import ddpm_alpha_bar, edit_loss_terms, train_edit_rectifier, train_rectifier
 from ngdm_core.shapes.catalog import BENCHMARK_SEED
 from ngdm_core.shapes.data import HELD_OUT_SEED, make_batch, other_class
-from ngdm_core.shapes.edits import (EditSettings, dilated, edit_friendly, edit_success, ground_truth_edit, invert, psnr,
-                                    sdedit, ssim)
+from ngdm_core.shapes.edits import (PRESERVE_MARGIN, EditSettings, dilated, edit_friendly, edit_success,
+                                    ground_truth_edit, invert, psnr, sdedit, ssim)
 from ngdm_core.shapes.model import NULL_CLASS, UNET_FILE, ShapesDenoiser, ShapesUNet, load_classifier, load_model
 from ngdm_core.shapes.rectifier import (RectifiedShapesDenoiser, class_embeddings, edit_directions, image_features,
                                         new_rectifier)
 
 COMMITTED_RESULTS = Path(__file__).parent / "results" / "quality.json"
-PRESERVE_MARGIN = 2
 SDEDIT_STRENGTHS = (0.3, 0.5)
 EDIT_FRIENDLY_SKIPS = (0.0, 0.4)
 TRAINING_SOURCES = 32  # held-out items 0..31 of data seed 1

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 from ngdm_core.shapes.data import make_batch
-from ngdm_core.shapes.edits import EditSettings, sdedit
+from ngdm_core.shapes.edits import PRESERVE_MARGIN, EditSettings, sdedit
 from ngdm_core.shapes.model import UNET_FILE, load_denoiser
-from ngdm_core.shapes.region import PRESERVE_MARGIN, edit_leakage, find_directions, shifted_denoiser
+from ngdm_core.shapes.region import edit_leakage, find_directions, shifted_denoiser
 from quality_benchmark import BENCHMARK_SEED
 
 RESULTS = Path(__file__).parent / "results" / "quality.json"

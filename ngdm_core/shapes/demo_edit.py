@@ -15,14 +15,13 @@ import torch
 from ..ngdm import diffedit_mask, ngdm_weights
 from .catalog import CLASSES, HELD_OUT_SEED, IMAGE_SIZE
 from .data import make_batch
-from .edits import (EditSettings, dilated, edit_friendly, ground_truth_edit, invert, iou, map_difference,
-                    per_pixel_time, psnr, sdedit, ssim)
+from .edits import (PRESERVE_MARGIN, EditSettings, dilated, edit_friendly, ground_truth_edit, invert, iou,
+                    map_difference, per_pixel_time, psnr, sdedit, ssim)
 from .model import load_classifier, load_denoiser
 
 SCALE = 6
 LABEL_HEIGHT = 16
 TITLE_HEIGHT = 16
-PRESERVE_MARGIN = 2  # pixels of dilation around the ground-truth union before measuring preservation
 # Settings the quality benchmark also runs, so `--set 2 --index N --steps 20` reproduces its item N.
 SDEDIT_STRENGTH = 0.7
 EDIT_FRIENDLY_SKIP = 0.2

@@ -177,6 +177,8 @@ def ground_truth_edit(data_set: int, count: int, target_class: torch.Tensor, sta
 
 # --- metrics ---------------------------------------------------------------------------------------
 
+PRESERVE_MARGIN = 2  # pixels the ground-truth union (or region mask) is dilated by before the outside is measured
+
 
 def dilated(masks: torch.Tensor, pixels: int) -> torch.Tensor:
     return F.max_pool2d(masks, 2 * pixels + 1, stride=1, padding=pixels) if pixels > 0 else masks

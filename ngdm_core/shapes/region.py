@@ -14,10 +14,8 @@ import torch
 from ..region_jacobian import RegionDirections, region_directions
 from ..schedule import noise_source
 from ..samplers import sample_euler
-from .edits import START_NOISE, EditSettings, dilated, guided, item_noise, sdedit, truncated_sigmas
+from .edits import PRESERVE_MARGIN, START_NOISE, EditSettings, dilated, guided, item_noise, sdedit, truncated_sigmas
 from .model import ShapesDenoiser
-
-PRESERVE_MARGIN = 2  # pixels the mask is dilated by before the outside is measured, as in the quality benchmark
 
 
 def edit_start(denoiser: ShapesDenoiser, source: torch.Tensor, settings: EditSettings, strength: float) -> tuple:
