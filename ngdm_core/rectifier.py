@@ -79,12 +79,87 @@ def own_weight_and_bias(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor,
     return conv.weight.to(x), None if conv.bias is None else conv.bias.to(x)
 
 
-class SeparableConvModulation:
-    """One target conv run per sample with ``weight * (1 + separable_offset)``.
+def _modulated_weight(weight: torch.Tensor, in_factor: torch.Tensor, out_factor: torch.Tensor) -> torch.Tensor:
+    """``weight * (1 + separable_offset)`` per sample, ``(B, Cout, Cin/groups, kh, kw)``, in ``weight``'s dtype."""
+    return weight * (1 + separable_offset(in_factor, out_factor).to(weight))
 
-    All samples go through one grouped convolution: the batch becomes groups of a single
-    image, so each sample sees its own kernel without a Python loop. ``weight_and_bias``
-    supplies the weights the conv would compute with unmodulated.
+
+class _ModulatedConv(torch.autograd.Function):
+    """The grouped conv of :func:`modulated_conv`, keeping for backward only ``x`` and the two slim factors.
+
+    Autograd through the plain expression would keep, for every targeted conv until the backward
+    pass, the full offset and the modulated weight (``B x Cout x Cin x kh x kw`` each): at SD1.5's
+    size, gigabytes per sample. Here a layer's modulated weight exists only while that layer's
+    forward or backward runs; the backward rebuilds it and reduces its gradient to the factors'.
+    """
+
+    @staticmethod
+    def forward(ctx, x, in_factor, out_factor, weight, bias, stride, padding, dilation, groups):
+        ctx.save_for_backward(x, in_factor, out_factor)
+        # References, not save_for_backward: the host's weights are inference tensors (which
+        # save_for_backward refuses) or made by its cast for this call, and they are frozen while a
+        # rectifier trains. Holding them costs nothing beyond what the forward itself held.
+        ctx.weight, ctx.bias, ctx.conv = weight, bias, (stride, padding, dilation, groups)
+        batch = x.shape[0]
+        out = F.conv2d(x.reshape(1, -1, *x.shape[2:]), _modulated_weight(weight, in_factor, out_factor).flatten(0, 1),
+                       None if bias is None else bias.repeat(batch), stride, padding, dilation, batch * groups)
+        return out.reshape(batch, -1, *out.shape[2:])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        x, in_factor, out_factor = ctx.saved_tensors
+        weight, bias, (stride, padding, dilation, groups) = ctx.weight, ctx.bias, ctx.conv
+        batch = x.shape[0]
+        needs_x, needs_in, needs_out, needs_weight, needs_bias = ctx.needs_input_grad[:5]
+        modulated = _modulated_weight(weight, in_factor, out_factor)
+        grad_x, grad_modulated, grad_bias = torch.ops.aten.convolution_backward(
+            grad_output.reshape(1, -1, *grad_output.shape[2:]), x.reshape(1, -1, *x.shape[2:]),
+            modulated.flatten(0, 1), None if bias is None else [batch * bias.shape[0]], stride, padding, dilation,
+            False, [0, 0], batch * groups, [needs_x, needs_in or needs_out or needs_weight, needs_bias])
+        del modulated
+        grad_in = grad_out = grad_weight = None
+        if grad_modulated is not None:
+            grad_modulated = grad_modulated.reshape(batch, *weight.shape)
+            if needs_weight:
+                grad_weight = (grad_modulated * (1 + separable_offset(in_factor, out_factor).to(weight))).sum_to_size(
+                    weight.shape)
+            # W = theta * (1 + out * in): dL/d(offset) = dL/dW * theta, then each factor's share of the
+            # outer product, summed over the axes it is broadcast along (Cout for in, Cin for out).
+            grad_offset = (grad_modulated * weight).to(torch.promote_types(in_factor.dtype, out_factor.dtype))
+            del grad_modulated
+            grad_in = (grad_offset * out_factor).sum_to_size(in_factor.shape) if needs_in else None
+            grad_out = (grad_offset * in_factor).sum_to_size(out_factor.shape) if needs_out else None
+        if grad_bias is not None:
+            grad_bias = grad_bias.reshape(batch, -1).sum(0)
+        return (None if grad_x is None else grad_x.reshape(x.shape), grad_in, grad_out, grad_weight, grad_bias,
+                None, None, None, None)
+
+
+def modulated_conv(x: torch.Tensor, in_factor: torch.Tensor, out_factor: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor | None, stride, padding, dilation, groups: int) -> torch.Tensor:
+    """``conv2d(x[b], weight * (1 + separable_offset[b]), bias)`` for every sample ``b``, as one grouped conv.
+
+    The batch becomes groups of a single image, so each sample sees its own kernel without a
+    Python loop; ``groups`` splits each sample further. ``padding`` is explicit (ints). Its
+    backward keeps no full offset or modulated weight (:class:`_ModulatedConv`).
+    """
+    return _ModulatedConv.apply(x, in_factor, out_factor, weight, bias, stride, padding, dilation, groups)
+
+
+def _padded_input(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """``x`` and the int padding left for the conv: padded here as ``conv`` would itself for another padding mode
+    or a padding given by name ("same" may pad one side more)."""
+    if conv.padding_mode == "zeros" and not isinstance(conv.padding, str):
+        return x, conv.padding
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    return F.pad(x, conv._reversed_padding_repeated_twice, mode=mode), (0, 0)
+
+
+class SeparableConvModulation:
+    """One target conv run per sample with ``weight * (1 + separable_offset)`` (:func:`modulated_conv`).
+
+    ``weight_and_bias`` supplies the weights the conv would compute with unmodulated.
     """
 
     def __init__(self, conv: nn.Conv2d, name: str = "conv", weight_and_bias: WeightAndBias = own_weight_and_bias):
@@ -100,16 +175,8 @@ class SeparableConvModulation:
         if in_factor.shape[0] != batch or out_factor.shape[0] != batch:
             raise ValueError(f"{self.name} got a batch of {batch} but offsets for a batch of {in_factor.shape[0]}")
         weight, bias = self.weight_and_bias(conv, x)
-        weight = (weight * (1 + separable_offset(in_factor, out_factor).to(weight))).flatten(0, 1)
-        bias = None if bias is None else bias.repeat(batch)
-        padding = conv.padding
-        if conv.padding_mode != "zeros":
-            x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
-            padding = 0
-        # Sample b's channels are group(s) b of one big image; conv.groups splits each sample further.
-        out = F.conv2d(x.reshape(1, -1, *x.shape[2:]), weight, bias, conv.stride, padding, conv.dilation,
-                       batch * conv.groups)
-        return out.reshape(batch, -1, *out.shape[2:])
+        x, padding = _padded_input(conv, x)
+        return modulated_conv(x, in_factor, out_factor, weight, bias, conv.stride, padding, conv.dilation, conv.groups)
 
 
 def _target_convs(model: nn.Module, targets: Iterable[str]) -> dict[str, nn.Conv2d]:
