@@ -124,19 +124,23 @@ class EpsUNet(nn.Module):
 def trainable_unet(model, x0, conditioning):
     """An :class:`EpsUNet` under ``conditioning`` on a copy of the U-Net, with its schedule's ``alpha_bar``.
 
-    ComfyUI creates weights under inference mode, and those cannot be saved for backward, which
-    the modulated convs' gradients need. The gradient runs only through the rectified blocks and
-    what follows them (``GRADIENT_PATH``), so only their weights are copied; the copy's other
-    modules compute with the model's own weights (views, frozen) and record no graph.
+    ComfyUI creates weights under inference mode, and those cannot be saved for backward. The
+    gradient runs only through the rectified blocks and what follows them (``GRADIENT_PATH``), and
+    there the rectified convs keep a reference to their weights instead of saving them, so only the
+    path's other weights are copied (attention, feed-forward and norm layers: 175 M of SD1.5's 860 M
+    parameters, where the whole path holds 608 M). Every other module computes with the model's own
+    weights (views, frozen).
     """
     base_model = model.model
     dtype = compute_dtype(model)
     model_sampling = model.get_model_object("model_sampling")
     conditioning = model_conditioning(model, x0[:1], conditioning)
+    rectified_weights = {id(tensor) for name in conv_targets(base_model, TARGET_BLOCKS)
+                         for tensor in base_model.get_submodule(name).parameters()}
     with torch.inference_mode(False):
         shared = {id(tensor): nn.Parameter(tensor.detach(), requires_grad=False)
                   for name, tensor in base_model.diffusion_model.named_parameters()
-                  if not name.startswith(GRADIENT_PATH)}
+                  if not name.startswith(GRADIENT_PATH) or id(tensor) in rectified_weights}
         diffusion_model = copy.deepcopy(base_model.diffusion_model, shared)
         conditioning = {name: value.clone().to(dtype) for name, value in conditioning.items() if torch.is_tensor(value)}
     sigmas = model_sampling.sigmas.to(x0.device, torch.float32)
