@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .frozen_layers import WeightAndBias, own_weight_and_bias, padded_input
 from .schedule import per_item
 from .validation import require_at_least, require_finite_tensor, require_non_negative, require_positive
 
@@ -64,19 +65,6 @@ def predicted_x0_at(x_t: torch.Tensor, eps: torch.Tensor, alpha_bar_t: torch.Ten
 def separable_offset(in_factor: torch.Tensor, out_factor: torch.Tensor) -> torch.Tensor:
     """The full per-sample offset ``(B, Cout, Cin, kh, kw)`` of the two slim factors."""
     return out_factor * in_factor
-
-
-# ``weight_and_bias(conv, x) -> (weight, bias)``: the weights a conv computes with for input ``x``.
-WeightAndBias = Callable[[nn.Conv2d, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
-
-
-def own_weight_and_bias(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A conv's own weight and bias in ``x``'s dtype and device, as a manually cast layer computes.
-
-    A host whose layers compute with other weights than they store (weight patches such as LoRA
-    applied on the fly, offloaded or quantised weights) passes its own cast instead.
-    """
-    return conv.weight.to(x), None if conv.bias is None else conv.bias.to(x)
 
 
 def _modulated_weight(weight: torch.Tensor, in_factor: torch.Tensor, out_factor: torch.Tensor) -> torch.Tensor:
@@ -147,15 +135,6 @@ def modulated_conv(x: torch.Tensor, in_factor: torch.Tensor, out_factor: torch.T
     return _ModulatedConv.apply(x, in_factor, out_factor, weight, bias, stride, padding, dilation, groups)
 
 
-def _padded_input(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """``x`` and the int padding left for the conv: padded here as ``conv`` would itself for another padding mode
-    or a padding given by name ("same" may pad one side more)."""
-    if conv.padding_mode == "zeros" and not isinstance(conv.padding, str):
-        return x, conv.padding
-    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-    return F.pad(x, conv._reversed_padding_repeated_twice, mode=mode), (0, 0)
-
-
 class SeparableConvModulation:
     """One target conv run per sample with ``weight * (1 + separable_offset)`` (:func:`modulated_conv`).
 
@@ -175,7 +154,7 @@ class SeparableConvModulation:
         if in_factor.shape[0] != batch or out_factor.shape[0] != batch:
             raise ValueError(f"{self.name} got a batch of {batch} but offsets for a batch of {in_factor.shape[0]}")
         weight, bias = self.weight_and_bias(conv, x)
-        x, padding = _padded_input(conv, x)
+        x, padding = padded_input(conv, x)
         return modulated_conv(x, in_factor, out_factor, weight, bias, conv.stride, padding, conv.dilation, conv.groups)
 
 

@@ -97,17 +97,16 @@ def test_training_lowers_the_noise_fitting_loss_and_saves_a_loadable_file(host, 
         unet, alpha_bar = host.pack_module("nodes.rectifier").trainable_unet(model, x0, host.tiny_conditioning(""))
     for name, value in model.model.state_dict().items():
         assert torch.equal(value, before[name]), name
-    # Only the layers on the gradient's path that the rectifier does not modulate are copied (the modulated convs
-    # keep a reference to their weights); the rest computes with the model's own storage.
+    # Only the norm layers on the gradient's path are copied: the linear and conv layers, modulated or not, keep a
+    # reference to their weights; the rest computes with the model's own storage.
     nodes_rectifier = host.pack_module("nodes.rectifier")
-    rectified_convs = tuple(name.removeprefix("diffusion_model.") + "." for name in core.conv_targets(
-        model.model, nodes_rectifier.TARGET_BLOCKS))
-    originals = dict(model.model.diffusion_model.named_parameters())
+    diffusion_model = model.model.diffusion_model
+    originals = dict(diffusion_model.named_parameters())
     copied = [name for name, tensor in unet.diffusion_model.named_parameters()
               if tensor.data_ptr() != originals[name].data_ptr()]
-    assert copied == [name for name in originals
-                      if name.startswith(nodes_rectifier.GRADIENT_PATH) and not name.startswith(rectified_convs)]
-    assert any(".attn1." in name for name in copied) and rectified_convs
+    assert copied == [name for name in originals if name.startswith(nodes_rectifier.GRADIENT_PATH) and not isinstance(
+        diffusion_model.get_submodule(name.rpartition(".")[0]), (torch.nn.Linear, torch.nn.Conv2d))]
+    assert any(".norm" in name for name in copied) and not any(".attn1." in name for name in copied)
     t = torch.linspace(100, 900, 8).long()
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
