@@ -192,10 +192,21 @@ def child(args):
             report["estimated_gib_per_vector"], report["estimated_graph_gib"] = (
                 round(value / 2**30, 2) for value in estimates[0])
         elif node == "rectifier_train":
-            pack["RectifierTrain"].execute(model=model, latent={"samples": samples}, positive=positive,
-                                           steps=args.steps, learning_rate=1e-3, seed=0, filename_prefix="scale",
-                                           batch_size=1)
+            made = recorded_results("nodes.rectifier", "trainable_unet")
+            output = pack["RectifierTrain"].execute(model=model, latent={"samples": samples}, positive=positive,
+                                                    steps=args.steps, learning_rate=1e-3, seed=0,
+                                                    filename_prefix="scale", batch_size=1)
             report["seconds"] = (time.perf_counter() - start) / args.steps
+            # What the node holds besides the model: its copy of U-Net weights, and the rectifier (AdamW adds twice
+            # its size in moments, and its gradients once more); the whole gradient path is what it copied before.
+            originals = dict(model.model.diffusion_model.named_parameters())
+            copied = [tensor for name, tensor in made[0][0].diffusion_model.named_parameters()
+                      if tensor.data_ptr() != originals[name].data_ptr()]
+            gradient_path = [tensor for name, tensor in originals.items()
+                             if name.startswith(tiny_host.pack_module("nodes.rectifier").GRADIENT_PATH)]
+            for label, tensors in (("copied", copied), ("gradient_path", gradient_path),
+                                   ("rectifier", list(output.result[0].parameters()))):
+                report[f"{label}_gib"] = round(sum(t.numel() * t.element_size() for t in tensors) / 2**30, 2)
         report["peak_bytes"] = peak_bytes(device)
     print("RESULT " + json.dumps(report), flush=True)
 

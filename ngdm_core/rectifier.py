@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .frozen_layers import WeightAndBias, own_weight_and_bias, padded_input
 from .schedule import per_item
 from .validation import require_at_least, require_finite_tensor, require_non_negative, require_positive
 
@@ -66,25 +67,78 @@ def separable_offset(in_factor: torch.Tensor, out_factor: torch.Tensor) -> torch
     return out_factor * in_factor
 
 
-# ``weight_and_bias(conv, x) -> (weight, bias)``: the weights a conv computes with for input ``x``.
-WeightAndBias = Callable[[nn.Conv2d, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+def _modulated_weight(weight: torch.Tensor, in_factor: torch.Tensor, out_factor: torch.Tensor) -> torch.Tensor:
+    """``weight * (1 + separable_offset)`` per sample, ``(B, Cout, Cin/groups, kh, kw)``, in ``weight``'s dtype."""
+    return weight * (1 + separable_offset(in_factor, out_factor).to(weight))
 
 
-def own_weight_and_bias(conv: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A conv's own weight and bias in ``x``'s dtype and device, as a manually cast layer computes.
+class _ModulatedConv(torch.autograd.Function):
+    """The grouped conv of :func:`modulated_conv`, keeping for backward only ``x`` and the two slim factors.
 
-    A host whose layers compute with other weights than they store (weight patches such as LoRA
-    applied on the fly, offloaded or quantised weights) passes its own cast instead.
+    Autograd through the plain expression would keep, for every targeted conv until the backward
+    pass, the full offset and the modulated weight (``B x Cout x Cin x kh x kw`` each): at SD1.5's
+    size, gigabytes per sample. Here a layer's modulated weight exists only while that layer's
+    forward or backward runs; the backward rebuilds it and reduces its gradient to the factors'.
     """
-    return conv.weight.to(x), None if conv.bias is None else conv.bias.to(x)
+
+    @staticmethod
+    def forward(ctx, x, in_factor, out_factor, weight, bias, stride, padding, dilation, groups):
+        ctx.save_for_backward(x, in_factor, out_factor)
+        # References, not save_for_backward: the host's weights are inference tensors (which
+        # save_for_backward refuses) or made by its cast for this call, and they are frozen while a
+        # rectifier trains. Holding them costs nothing beyond what the forward itself held.
+        ctx.weight, ctx.bias, ctx.conv = weight, bias, (stride, padding, dilation, groups)
+        batch = x.shape[0]
+        out = F.conv2d(x.reshape(1, -1, *x.shape[2:]), _modulated_weight(weight, in_factor, out_factor).flatten(0, 1),
+                       None if bias is None else bias.repeat(batch), stride, padding, dilation, batch * groups)
+        return out.reshape(batch, -1, *out.shape[2:])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        x, in_factor, out_factor = ctx.saved_tensors
+        weight, bias, (stride, padding, dilation, groups) = ctx.weight, ctx.bias, ctx.conv
+        batch = x.shape[0]
+        needs_x, needs_in, needs_out, needs_weight, needs_bias = ctx.needs_input_grad[:5]
+        modulated = _modulated_weight(weight, in_factor, out_factor)
+        grad_x, grad_modulated, grad_bias = torch.ops.aten.convolution_backward(
+            grad_output.reshape(1, -1, *grad_output.shape[2:]), x.reshape(1, -1, *x.shape[2:]),
+            modulated.flatten(0, 1), None if bias is None else [batch * bias.shape[0]], stride, padding, dilation,
+            False, [0, 0], batch * groups, [needs_x, needs_in or needs_out or needs_weight, needs_bias])
+        del modulated
+        grad_in = grad_out = grad_weight = None
+        if grad_modulated is not None:
+            grad_modulated = grad_modulated.reshape(batch, *weight.shape)
+            if needs_weight:
+                grad_weight = (grad_modulated * (1 + separable_offset(in_factor, out_factor).to(weight))).sum_to_size(
+                    weight.shape)
+            # W = theta * (1 + out * in): dL/d(offset) = dL/dW * theta, then each factor's share of the
+            # outer product, summed over the axes it is broadcast along (Cout for in, Cin for out).
+            grad_offset = (grad_modulated * weight).to(torch.promote_types(in_factor.dtype, out_factor.dtype))
+            del grad_modulated
+            grad_in = (grad_offset * out_factor).sum_to_size(in_factor.shape) if needs_in else None
+            grad_out = (grad_offset * in_factor).sum_to_size(out_factor.shape) if needs_out else None
+        if grad_bias is not None:
+            grad_bias = grad_bias.reshape(batch, -1).sum(0)
+        return (None if grad_x is None else grad_x.reshape(x.shape), grad_in, grad_out, grad_weight, grad_bias,
+                None, None, None, None)
+
+
+def modulated_conv(x: torch.Tensor, in_factor: torch.Tensor, out_factor: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor | None, stride, padding, dilation, groups: int) -> torch.Tensor:
+    """``conv2d(x[b], weight * (1 + separable_offset[b]), bias)`` for every sample ``b``, as one grouped conv.
+
+    The batch becomes groups of a single image, so each sample sees its own kernel without a
+    Python loop; ``groups`` splits each sample further. ``padding`` is explicit (ints). Its
+    backward keeps no full offset or modulated weight (:class:`_ModulatedConv`).
+    """
+    return _ModulatedConv.apply(x, in_factor, out_factor, weight, bias, stride, padding, dilation, groups)
 
 
 class SeparableConvModulation:
-    """One target conv run per sample with ``weight * (1 + separable_offset)``.
+    """One target conv run per sample with ``weight * (1 + separable_offset)`` (:func:`modulated_conv`).
 
-    All samples go through one grouped convolution: the batch becomes groups of a single
-    image, so each sample sees its own kernel without a Python loop. ``weight_and_bias``
-    supplies the weights the conv would compute with unmodulated.
+    ``weight_and_bias`` supplies the weights the conv would compute with unmodulated.
     """
 
     def __init__(self, conv: nn.Conv2d, name: str = "conv", weight_and_bias: WeightAndBias = own_weight_and_bias):
@@ -100,16 +154,8 @@ class SeparableConvModulation:
         if in_factor.shape[0] != batch or out_factor.shape[0] != batch:
             raise ValueError(f"{self.name} got a batch of {batch} but offsets for a batch of {in_factor.shape[0]}")
         weight, bias = self.weight_and_bias(conv, x)
-        weight = (weight * (1 + separable_offset(in_factor, out_factor).to(weight))).flatten(0, 1)
-        bias = None if bias is None else bias.repeat(batch)
-        padding = conv.padding
-        if conv.padding_mode != "zeros":
-            x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
-            padding = 0
-        # Sample b's channels are group(s) b of one big image; conv.groups splits each sample further.
-        out = F.conv2d(x.reshape(1, -1, *x.shape[2:]), weight, bias, conv.stride, padding, conv.dilation,
-                       batch * conv.groups)
-        return out.reshape(batch, -1, *out.shape[2:])
+        x, padding = padded_input(conv, x)
+        return modulated_conv(x, in_factor, out_factor, weight, bias, conv.stride, padding, conv.dilation, conv.groups)
 
 
 def _target_convs(model: nn.Module, targets: Iterable[str]) -> dict[str, nn.Conv2d]:

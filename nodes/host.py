@@ -6,6 +6,7 @@ import comfy.controlnet
 import comfy.ldm.modules.diffusionmodules.openaimodel
 import comfy.model_management
 import comfy.model_sampling
+import comfy.ops
 import comfy.sample
 import comfy.sampler_helpers
 import comfy.samplers
@@ -34,6 +35,12 @@ def host_start_sigmas(model_sampling, weights, sigmas, mapping, start_rule="firs
     return start_sigmas(weights, sigmas, mapping, parametrization(model_sampling),
                         to_timestep=model_sampling.timestep, to_sigma=model_sampling.sigma,
                         sigma_min=float(model_sampling.sigma_min), start_rule=start_rule)
+
+
+def host_weight_and_bias(layer, x):
+    """The weights a ComfyUI linear or conv layer computes with: its own cast path, with weight patches (LoRA),
+    offloading and fp16/bf16/fp8 storage handled as its forward would."""
+    return comfy.ops.cast_bias_weight(layer, x)
 
 
 def compute_dtype(model):

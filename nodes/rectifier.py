@@ -9,18 +9,18 @@ import time
 import comfy.ldm.modules.diffusionmodules.openaimodel
 import comfy.model_management
 import comfy.model_sampling
-import comfy.ops
 import comfy.patcher_extension
 import folder_paths
 import torch
 from comfy_api.latest import io, ui
 from torch import nn
 
+from ..ngdm_core.frozen_layers import frozen_forward, frozen_layers
 from ..ngdm_core.rectifier import (Rectifier, conv_targets, read_rectifier, rectified, require_finite_rectifier,
                                    require_fits, save_rectifier, train_edit_rectifier, train_rectifier)
 from ..ngdm_core.schedule import per_item
-from .host import (CATEGORY, compute_dtype, model_conditioning, progress_reporter, require_conditioning,
-                   require_image_latent, show_node_text)
+from .host import (CATEGORY, compute_dtype, host_weight_and_bias, model_conditioning, progress_reporter,
+                   require_conditioning, require_image_latent, show_node_text)
 from .previews import loss_curve
 from .rectifier_embeddings import LatentImageEmbedding, image_embedding_width, require_one_space, text_embedding
 from .region_jacobian import require_bottleneck_size
@@ -80,12 +80,6 @@ def denoised_estimate(model_sampling, x_t, output, sigma):
     return model_sampling.calculate_denoised(sigma, output, x_t * per_item((1 + sigma**2).sqrt(), x_t))
 
 
-def host_weight_and_bias(conv, x):
-    """The weights a ComfyUI conv computes with: its own cast path, with weight patches (LoRA), offloading and
-    fp16/bf16/fp8 storage handled as its forward would."""
-    return comfy.ops.cast_bias_weight(conv, x)
-
-
 def noise_from_output(model_sampling):
     """``to_eps(x_t, output, t)``: the U-Net's output at integer timesteps ``t`` as noise, whatever it predicts."""
     def to_eps(x_t, output, t):
@@ -124,21 +118,32 @@ class EpsUNet(nn.Module):
 def trainable_unet(model, x0, conditioning):
     """An :class:`EpsUNet` under ``conditioning`` on a copy of the U-Net, with its schedule's ``alpha_bar``.
 
-    ComfyUI creates weights under inference mode, and those cannot be saved for backward, which
-    the modulated convs' gradients need. The gradient runs only through the rectified blocks and
-    what follows them (``GRADIENT_PATH``), so only their weights are copied; the copy's other
-    modules compute with the model's own weights (views, frozen) and record no graph.
+    ComfyUI creates weights under inference mode, and those cannot be saved for backward. The
+    gradient runs only through the rectified blocks and what follows them (``GRADIENT_PATH``). There
+    the rectified convs and every other linear and conv layer keep a reference to their weights
+    instead of saving them (:mod:`ngdm_core.frozen_layers`), so the copy holds new tensors only for
+    the path's norm layers; every weight is the model's own (views, frozen).
     """
     base_model = model.model
     dtype = compute_dtype(model)
     model_sampling = model.get_model_object("model_sampling")
     conditioning = model_conditioning(model, x0[:1], conditioning)
+    source = base_model.diffusion_model
+    referenced = {id(tensor) for layer in frozen_layers([source]) for tensor in layer.parameters()}
     with torch.inference_mode(False):
         shared = {id(tensor): nn.Parameter(tensor.detach(), requires_grad=False)
-                  for name, tensor in base_model.diffusion_model.named_parameters()
-                  if not name.startswith(GRADIENT_PATH)}
-        diffusion_model = copy.deepcopy(base_model.diffusion_model, shared)
+                  for name, tensor in source.named_parameters()
+                  if not name.startswith(GRADIENT_PATH) or id(tensor) in referenced}
+        diffusion_model = copy.deepcopy(source, shared)
         conditioning = {name: value.clone().to(dtype) for name, value in conditioning.items() if torch.is_tensor(value)}
+    # The copy is private, so its layers' forward is replaced for good; the rectified convs are left
+    # to rectified(), which shadows theirs while it runs.
+    targets = {id(diffusion_model.get_submodule(name.removeprefix("diffusion_model.")))
+               for name in conv_targets(base_model, TARGET_BLOCKS)}
+    path = [module for name, module in diffusion_model.named_children() if f"{name}." in GRADIENT_PATH]
+    for layer in frozen_layers(path):
+        if id(layer) not in targets:
+            layer.forward = frozen_forward(layer, host_weight_and_bias)
     sigmas = model_sampling.sigmas.to(x0.device, torch.float32)
     return EpsUNet(diffusion_model, conditioning, dtype, noise_from_output(model_sampling)), 1 / (1 + sigmas**2)
 

@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ngdm_core.edit_friendly import invert_ddim
+import ngdm_core.rectifier
 from ngdm_core.rectifier import (Rectifier, SeparableConvModulation, conv_targets, ddpm_alpha_bar, edit_loss_terms,
                                  edit_training_loss, load_rectifier, noise_fitting_loss, noised, predicted_x0,
                                  predicted_x0_at, read_rectifier, rectified, rectified_eps, require_fits,
@@ -142,6 +143,73 @@ def test_modulated_conv_computes_in_the_inputs_dtype_like_a_manually_cast_layer(
     assert output.dtype == torch.float32
     torch.testing.assert_close(output, SeparableConvModulation(conv)(x.double(), in_factor, out_factor).float(),
                                rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
+def test_the_modulated_convs_gradients_are_exact_for_every_input(groups, padding_mode):
+    # Finite differences in float64 against the hand-written backward, for the input, both factors and a
+    # base weight and bias that take gradients too (frozen in training, but the op must be right for any).
+    generator = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=groups, padding_mode=padding_mode).double()
+    inputs = [torch.randn(shape, generator=generator, dtype=torch.float64, requires_grad=True)
+              for shape in ((2, 4, 6, 6), (2, 1, 4 // groups, 3, 3), (2, 6, 1, 3, 3), conv.weight.shape, (6,))]
+
+    def modulated(x, in_factor, out_factor, weight, bias):
+        return SeparableConvModulation(conv, weight_and_bias=lambda _, __: (weight, bias))(x, in_factor, out_factor)
+
+    assert torch.autograd.gradcheck(modulated, inputs)
+
+
+def test_the_modulated_conv_saves_only_its_input_and_the_two_factors_for_backward():
+    conv = nn.Conv2d(8, 8, 3, padding=1).requires_grad_(False)
+    x = torch.randn(2, 8, 4, 4, requires_grad=True)
+    in_factor = torch.randn(2, 1, 8, 3, 3, requires_grad=True)
+    out_factor = torch.randn(2, 8, 1, 3, 3, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda tensor: saved.append(tensor.numel()) or tensor, lambda t: t):
+        SeparableConvModulation(conv)(x, in_factor, out_factor).sum().backward()
+    # The full offset and the modulated weight would be 2 x 8 x 8 x 3 x 3 = 1152 values each.
+    assert sorted(saved) == sorted([x.numel(), in_factor.numel(), out_factor.numel()])
+
+
+def plain_modulated_conv(x, in_factor, out_factor, weight, bias, stride, padding, dilation, groups):
+    """The modulated conv as autograd sees the plain expression, keeping the offset and modulated weight."""
+    batch = x.shape[0]
+    modulated = (weight * (1 + separable_offset(in_factor, out_factor).to(weight))).flatten(0, 1)
+    out = F.conv2d(x.reshape(1, -1, *x.shape[2:]), modulated, None if bias is None else bias.repeat(batch), stride,
+                   padding, dilation, batch * groups)
+    return out.reshape(batch, -1, *out.shape[2:])
+
+
+def test_a_training_steps_gradients_equal_autograds_through_the_plain_expression(monkeypatch):
+    model = make_model()
+    rectifier = make_rectifier(model)
+    with torch.no_grad():
+        # Nonzero out heads, so that every factor, and every subnet weight, gets a nonzero gradient.
+        for subnet in rectifier.subnets:
+            subnet.out_head.weight.copy_(0.1 * torch.randn(subnet.out_head.weight.shape,
+                                                           generator=torch.Generator().manual_seed(3)))
+    x0, t = blob_images(4, seed=7), torch.tensor([100, 400, 700, 950])
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(4))
+
+    def gradients():
+        loss = noise_fitting_loss(model, rectifier, x0, t, noise, ALPHA_BAR)
+        return torch.autograd.grad(loss, list(rectifier.parameters()))
+
+    names, custom = [name for name, _ in rectifier.named_parameters()], gradients()
+    monkeypatch.setattr(ngdm_core.rectifier, "modulated_conv", plain_modulated_conv)
+    plain_gradients = gradients()
+    print(f"largest difference from autograd's, over each gradient's largest entry: "
+          f"{max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(custom, plain_gradients)):.1e}")
+    for name, ours, plain in zip(names, custom, plain_gradients, strict=True):
+        assert plain.abs().max() > 0, name
+        # Both run the same float32 operations (the same convolution_backward, products and broadcast sums;
+        # bit-identical on a CPU). A kernel that reorders a reduction of n terms moves it by at most about
+        # n * u (u = 6e-8) of its terms' magnitude, here taken as the gradient's largest entry; the longest
+        # reduction is the conv weight's gradient over 4 x 16 x 16 pixels, n ~ 1000: 6e-5, so 1e-4. A wrong
+        # axis or factor in the backward is off at order 1.
+        torch.testing.assert_close(ours, plain, rtol=0, atol=1e-4 * plain.abs().max().item(), msg=name)
 
 
 def test_separable_offset_is_an_outer_product_per_kernel_position():

@@ -97,11 +97,16 @@ def test_training_lowers_the_noise_fitting_loss_and_saves_a_loadable_file(host, 
         unet, alpha_bar = host.pack_module("nodes.rectifier").trainable_unet(model, x0, host.tiny_conditioning(""))
     for name, value in model.model.state_dict().items():
         assert torch.equal(value, before[name]), name
-    # Only the rectified blocks and what follows them are copied; the rest computes with the model's own storage.
-    gradient_path = host.pack_module("nodes.rectifier").GRADIENT_PATH
-    originals = dict(model.model.diffusion_model.named_parameters())
-    for name, tensor in unet.diffusion_model.named_parameters():
-        assert (tensor.data_ptr() == originals[name].data_ptr()) != name.startswith(gradient_path), name
+    # Only the norm layers on the gradient's path are copied: the linear and conv layers, modulated or not, keep a
+    # reference to their weights; the rest computes with the model's own storage.
+    nodes_rectifier = host.pack_module("nodes.rectifier")
+    diffusion_model = model.model.diffusion_model
+    originals = dict(diffusion_model.named_parameters())
+    copied = [name for name, tensor in unet.diffusion_model.named_parameters()
+              if tensor.data_ptr() != originals[name].data_ptr()]
+    assert copied == [name for name in originals if name.startswith(nodes_rectifier.GRADIENT_PATH) and not isinstance(
+        diffusion_model.get_submodule(name.rpartition(".")[0]), (torch.nn.Linear, torch.nn.Conv2d))]
+    assert any(".norm" in name for name in copied) and not any(".attn1." in name for name in copied)
     t = torch.linspace(100, 900, 8).long()
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
