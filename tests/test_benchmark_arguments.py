@@ -45,7 +45,11 @@ def test_a_missing_matplotlib_stops_the_run_at_its_start(benchmark, monkeypatch,
 @pytest.mark.parametrize("arguments, named", [(["--count", "0"], "--count"), (["--offset", "-1"], "--offset"),
                                               (["--ridges", "0"], "--ridges"), (["--fractions", "0"], "--fractions"),
                                               (["--windows", "0.5:0.5"], "--windows"),
-                                              (["--windows", "half"], "--windows")])
+                                              (["--windows", "half"], "--windows"),
+                                              (["--schedules", "step:1"], "--schedules"),
+                                              (["--schedules", "sigma"], "--schedules"),
+                                              (["--probes", "3,x"], "--probes"), (["--probes", "-1"], "--probes"),
+                                              (["--reproject", "0"], "--reproject")])
 def test_the_region_confinement_benchmark_refuses_bad_arguments_naming_them(monkeypatch, capsys, arguments, named):
     monkeypatch.syspath_prepend(str(BENCHMARK.parent))  # it imports its sibling benchmarks by name
     spec = importlib.util.spec_from_file_location("region_confinement_benchmark",
