@@ -22,12 +22,14 @@ like the others; the peak shift is the first step's). With ``--reproject``, the 
 direction is re-found at every later step from the edit's own state, warm-started from the
 previous step's search, with at most that many LOBPCG iterations per step (200, the node's
 ``max_iter``, converges: the oracle of any per-step search), constant and with each schedule.
-Prints a JSON summary; writes nothing.
+Prints a JSON summary; writes nothing. ``--merge`` prints the summary of the outputs of runs split
+with ``--offset`` (each saved from stdout) as one run's.
 
     /tmp/cpu-run python benchmarks/region_confinement_benchmark.py --ridges 2 --fractions \
         --windows 0:1 0:0.5 0.5:1 0:0.25 --later-probe
     /tmp/cpu-run python benchmarks/region_confinement_benchmark.py --ridges 2 --fractions \
         --schedules sigma:0.5 sigma:1 sigma:2 timestep:1 --probes 9 0,3,6 --reproject 1 3
+    python benchmarks/region_confinement_benchmark.py --merge first_10.json last_10.json
 """
 
 import argparse
@@ -36,6 +38,7 @@ import math
 import statistics
 import sys
 import time
+from pathlib import Path
 
 from ngdm_core.shapes.data import make_batch
 from ngdm_core.shapes.edits import sdedit, truncated_sigmas
@@ -100,6 +103,8 @@ def sigma_range(sigmas, first, last):
 
 def parse_arguments(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="print the summary of these outputs of one command split with --offset, and run nothing")
     parser.add_argument("--count", type=int, default=DEFAULTS["count"], help="held-out sources (data set seed 2)")
     parser.add_argument("--offset", type=int, default=0, help="index of the first source, to split a run")
     parser.add_argument("--shift", type=float, default=DEFAULTS["shift"],
@@ -155,8 +160,39 @@ def summary(rows, unconfined_shifts):
                 if key in rows[0]})}
 
 
+def merged(outputs):
+    """One output from ``outputs`` of one command over consecutive sources: means weighted by their sources' counts."""
+    outputs = sorted(outputs, key=lambda output: output["sources"][0])
+    settings = ("data_seed", "steps", "cfg", "edit_strength", "unconfined_shift", "windows")
+    for output, following in zip(outputs, outputs[1:]):
+        if output["sources"][1] != following["sources"][0]:
+            raise SystemExit(f"--merge: sources {output['sources']} and {following['sources']} are not consecutive")
+        if any(output[key] != following[key] for key in settings) or output["methods"].keys() != following["methods"].keys():
+            raise SystemExit(f"--merge: the runs over sources {output['sources']} and {following['sources']} differ "
+                             "in their settings or rows")
+    counts = [output["sources"][1] - output["sources"][0] for output in outputs]
+    methods = {}
+    for name, first in outputs[0]["methods"].items():
+        leakages = [value for output in outputs for value in output["per_source_leakage"][name]]
+        totals = {key: sum(output["methods"][name][key] * count for output, count in zip(outputs, counts))
+                  for key in first}
+        methods[name] = {**{key: round(total / len(leakages), 4) for key, total in totals.items()},
+                         "leakage": round(statistics.fmean(leakages), 4),
+                         "median_leakage": round(statistics.median(leakages), 4),
+                         f"sources_at_most_{GOAL_LEAKAGE}": sum(value <= GOAL_LEAKAGE for value in leakages),
+                         "converged": sum(output["methods"][name]["converged"] for output in outputs)}
+    return {**{key: outputs[0][key] for key in settings}, "sources": [outputs[0]["sources"][0], outputs[-1]["sources"][1]],
+            "methods": methods,
+            "per_source_leakage": {name: [value for output in outputs for value in output["per_source_leakage"][name]]
+                                   for name in methods},
+            "seconds": round(sum(output["seconds"] for output in outputs), 1)}
+
+
 def main(argv=None):
     args = parse_arguments(argv)
+    if args.merge:
+        print(json.dumps(merged([json.loads(Path(path).read_text()) for path in args.merge]), indent=1))
+        return
     log = lambda line: print(line, file=sys.stderr, flush=True)
     denoiser, settings, strength = benchmark_edit()
     batch = make_batch(BENCHMARK_SEED, args.offset + args.count)
