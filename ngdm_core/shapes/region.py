@@ -4,7 +4,9 @@ A region edit here is an SDEdit under the source's own class (:func:`.edits.sded
 U-Net has its bottleneck shifted by ``strength * direction`` on every call, cond and uncond,
 while the timestep lies in a range. The directions are found at the edit's first state,
 from the same seeded noise, so an edit at strength 0 is the plain reconstruction and the
-difference between the two is the direction's effect alone.
+difference between the two is the direction's effect alone. The shift may be scaled per step
+(:func:`strength_schedule`), or the direction re-found at every step from the edited state
+(:func:`reprojected_edit`), as issue #23's candidates for confinement over the whole edit.
 """
 
 import copy
