@@ -51,29 +51,36 @@ def parse_arguments(argv=None):
 
 
 def measured_edit(denoiser, source, label, direction, plain, mask, settings, strength, shift,
-                  sigma_range=(0.0, math.inf)):
+                  sigma_range=(0.0, math.inf), weight=None):
     """``(leakage, change inside)`` of the edit along ``direction`` at ``shift``, applied at sigmas in ``sigma_range``.
 
     The whole range is :func:`ngdm_core.shapes.region.region_edit`; a narrower one is the
-    window a user sets with ApplyRegionDirection's start and end percents.
+    window a user sets with ApplyRegionDirection's start and end percents. ``weight(t)``
+    (:func:`ngdm_core.shapes.region.strength_schedule`) scales the shift per step.
     """
-    edited = sdedit(shifted_denoiser(denoiser, direction, shift, *sigma_range), source,
+    edited = sdedit(shifted_denoiser(denoiser, direction, shift, *sigma_range, weight=weight), source,
                     torch.as_tensor(label).reshape(-1), settings, strength)
     return tuple(value.item() for value in edit_leakage(edited, plain, mask))
 
 
-def matched_edit(denoiser, source, label, direction, plain, mask, settings, strength, target, shift,
-                 sigma_range=(0.0, math.inf)):
-    """``(leakage, change inside, shift)`` of the edit along ``direction`` whose change inside the mask is ``target``.
+def matched_shift(measure, target, shift):
+    """``(leakage, change inside, shift)`` of ``measure(shift) -> (leakage, change inside)`` at the change ``target``.
 
     Two corrections of the shift, each by ``target / change inside``, from ``shift``.
     """
     for correction in range(3):
-        leakage, inside = measured_edit(denoiser, source, label, direction, plain, mask, settings, strength, shift,
-                                        sigma_range)
+        leakage, inside = measure(shift)
         if correction < 2:
             shift = shift * target / inside
     return leakage, inside, shift
+
+
+def matched_edit(denoiser, source, label, direction, plain, mask, settings, strength, target, shift,
+                 sigma_range=(0.0, math.inf), weight=None):
+    """``(leakage, change inside, shift)`` of the edit along ``direction`` whose change inside the mask is ``target``
+    (:func:`matched_shift`)."""
+    return matched_shift(lambda shift: measured_edit(denoiser, source, label, direction, plain, mask, settings,
+                                                     strength, shift, sigma_range, weight), target, shift)
 
 
 def benchmark_edit():

@@ -225,7 +225,7 @@ def top_directions(jacobian: MaskedJacobian, k: int = 3, max_iter: int = 50, tol
     """
     _check_iteration(k, max_iter, tol, _most_directions(jacobian))
     before = Counter(jacobian.counts)
-    vectors, values, iterations, converged, residual, _ = _lobpcg(
+    vectors, values, iterations, converged, residual, *_ = _lobpcg(
         jacobian, None, 1.0, k, 0, max_iter, tol, seed, progress and (lambda done: progress(done, max_iter)))
     return _directions(jacobian, before, vectors, values.clamp_min(0).sqrt(), iterations, converged, residual)
 
@@ -284,6 +284,7 @@ class RatioDirections(SearchCost):
     vectors: torch.Tensor  # (k, *h.shape[1:]), unit length, by ratio descending
     ratios: torch.Tensor  # (k,)
     ridge: float
+    block: torch.Tensor  # (k + guard, *h.shape[1:]): every vector iterated, unit length, to warm-start a later search
 
 
 # Extra vectors searched beside the k wanted: the top ratios of a trained model are close together,
@@ -324,7 +325,7 @@ def _ritz(basis, images, inside_weight, outside_weight, ridge, k):
 
 
 def _lobpcg(jacobian: MaskedJacobian, outside_weight, ridge: float, k: int, guard: int, max_iter: int, tol: float,
-            seed: int, progress) -> tuple:
+            seed: int, progress, start: torch.Tensor | None = None) -> tuple:
     """The top-``k`` eigenvectors of the pencil ``(J^T J, J_out^T J_out + ridge I)`` by LOBPCG, ``k + guard`` at once.
 
     ``J`` is ``jacobian``; ``outside_weight`` (the squared outside mask, flat) may be None for
@@ -333,8 +334,11 @@ def _lobpcg(jacobian: MaskedJacobian, outside_weight, ridge: float, k: int, guar
     It costs one JVP of the residuals and one VJP of the vectors (twice as many covectors with
     an outside); the images of the other rows follow by linearity. Stops once every relative
     residual ``|A v - value B v| / (value |B v|)`` of the top ``k`` is at most ``tol``, or after
-    ``max_iter``. Returns unit ``vectors`` (k, n), ``values``, iterations, converged, residual,
-    and the absolute ridge (``ridge`` is relative to the outside's mean energy when there is one).
+    ``max_iter``. With ``start`` (rows, n), the first Rayleigh-Ritz runs over the span of
+    ``start`` and the random rows, which costs one more JVP of the ``start`` rows. Returns unit
+    ``vectors`` (k, n), ``values``, iterations, converged, residual, the absolute ridge
+    (``ridge`` is relative to the outside's mean energy when there is one), and every iterated
+    vector (k + guard, n), unit length.
     """
     linearisation = jacobian.linearisation
     inside_weight = jacobian.mask.expand_as(linearisation.eps).reshape(1, -1) ** 2
@@ -350,6 +354,11 @@ def _lobpcg(jacobian: MaskedJacobian, outside_weight, ridge: float, k: int, guar
     if outside_weight is not None:
         # The ridge in units of J_out's mean energy per direction: E |J_out v|^2 = |J_out|_F^2 / n for a random unit v.
         ridge = ridge * float((images.square() * outside_weight).sum(dim=1).mean())
+    if start is not None:
+        # The random rows stay in the first span: their images are paid for, and the ridge's estimate needs
+        # random rows (a warm start's rows leak little, so they would understate J_out's energy).
+        start = start.to(basis)
+        basis, images = _orthonormal_span(torch.cat([start, basis]), torch.cat([images_of(start), images]), keep)
     vectors, vector_images, values = _ritz(basis, images, inside_weight, outside_weight, ridge, block)
     previous = previous_images = None
     for iteration in range(1, max_iter + 1):
@@ -372,25 +381,35 @@ def _lobpcg(jacobian: MaskedJacobian, outside_weight, ridge: float, k: int, guar
         basis, images = _orthonormal_span(torch.cat(rows), torch.cat(row_images), keep)
         previous, previous_images = vectors, vector_images
         vectors, vector_images, values = _ritz(basis, images, inside_weight, outside_weight, ridge, block)
-    vectors = vectors[:k] / vectors[:k].norm(dim=1, keepdim=True)
-    return vectors, values[:k], iteration, residual <= tol, residual, ridge
+    vectors = vectors / vectors.norm(dim=1, keepdim=True)
+    return vectors[:k], values[:k], iteration, residual <= tol, residual, ridge, vectors
 
 
 @_with_autograd
 def ratio_directions(linearisation: Linearisation, mask: torch.Tensor, k: int = 3, ridge: float = 1.0,
-                     max_iter: int = 200, tol: float = 1e-3, seed: int = 0, progress=None) -> RatioDirections:
+                     max_iter: int = 200, tol: float = 1e-3, seed: int = 0, progress=None,
+                     start: torch.Tensor | None = None) -> RatioDirections:
     """The ``k`` directions of ``h`` with the largest ratio of inside to outside response, by LOBPCG (:func:`_lobpcg`).
 
     ``k + GUARD_VECTORS`` vectors are iterated; ``progress(done, max_iter)`` is called after each iteration.
+    ``start`` (rows, *h.shape[1:]), e.g. an earlier search's ``block`` at a nearby ``h``, warm-starts
+    the search: it begins from the best of their span and the seeded random rows.
     """
     require_positive("ridge", ridge)
     inside = MaskedJacobian(linearisation, mask)
     _check_iteration(k, max_iter, tol, linearisation.h.numel())
+    if start is not None:
+        require_finite_tensor("start", start)
+        if start.ndim < 2 or start.shape[1:] != linearisation.h.shape[1:]:
+            raise ValueError(f"start must hold rows of h's shape {tuple(linearisation.h.shape[1:])}, "
+                             f"got shape {tuple(start.shape)}")
+        start = start.flatten(1)
     outside_weight = (1 - inside.mask).expand_as(linearisation.eps).reshape(1, -1) ** 2
-    vectors, ratios, iterations, converged, residual, ridge = _lobpcg(
+    vectors, ratios, iterations, converged, residual, ridge, block = _lobpcg(
         inside, outside_weight, ridge, k, GUARD_VECTORS, max_iter, tol, seed,
-        progress and (lambda done: progress(done, max_iter)))
+        progress and (lambda done: progress(done, max_iter)), start)
     return RatioDirections(_signed(vectors, linearisation.h.shape), ratios, ridge,
+                           block.reshape(len(block), *linearisation.h.shape[1:]),
                            **_search_cost(inside.counts, iterations, converged, residual))
 
 

@@ -7,8 +7,8 @@ from torch import nn
 
 import scipy.linalg
 
-from ngdm_core.region_jacobian import (Directions, confine, masked_jacobian, ratio_directions, region_directions,
-                                       top_directions, top_directions_sequential)
+from ngdm_core.region_jacobian import (GUARD_VECTORS, Directions, confine, masked_jacobian, ratio_directions,
+                                       region_directions, top_directions, top_directions_sequential)
 
 H_SHAPE, EPS_SHAPE = (1, 6, 3, 3), (1, 2, 6, 6)
 VARIANTS = [top_directions, top_directions_sequential]
@@ -256,6 +256,29 @@ def test_the_ratio_search_costs_one_jvp_and_one_vjp_per_iteration():
     assert found.converged and found.jvp_calls == found.iterations and found.vjp_calls == found.iterations
     unconverged = ratio_directions(jacobian.linearisation, jacobian.mask, k=2, max_iter=2)
     assert unconverged.iterations == 2 and not unconverged.converged and unconverged.residual > 1e-3
+
+
+def test_a_search_started_from_a_converged_block_converges_at_its_first_iteration_to_the_same_directions():
+    """Rayleigh-Ritz over a span holding the converged block keeps its residual near the cold search's (1e-8).
+
+    The warm search's tolerance is 100 times looser, so it stops at its first residual check; what it
+    pays is the JVPs of its random rows and of the start rows, then one VJP of both covector halves.
+    Both use seed 0: the ridge is relative to ``J_out``'s energy estimated on the seeded random rows,
+    so another seed would set another absolute ridge, another pencil.
+    """
+    matrix, mask = outside_heavy_map(), soft_mask()
+    jacobian = masked_jacobian(linear_model(matrix), randn(H_SHAPE), mask)
+    cold = ratio_directions(jacobian.linearisation, jacobian.mask, k=2, tol=1e-8, max_iter=500)
+    warm = ratio_directions(jacobian.linearisation, jacobian.mask, k=2, tol=1e-6, start=cold.block)
+    assert cold.converged and cold.iterations > 1 and warm.converged and warm.iterations == 1
+    assert cold.block.shape == (2 + GUARD_VECTORS, *H_SHAPE[1:])
+    torch.testing.assert_close(cold.block.flatten(1).norm(dim=1), torch.ones(len(cold.block), dtype=torch.float64))
+    assert warm.ridge == cold.ridge
+    vectors, _ = expected_ratio_directions(matrix, mask, warm.ridge, 2)
+    assert (abs_cosines(warm.vectors, vectors) >= 0.999).all()
+    assert warm.jvp_vectors == 2 * len(cold.block) and warm.vjp_vectors == 2 * len(cold.block)
+    with pytest.raises(ValueError, match="start must hold rows of h's shape"):
+        ratio_directions(jacobian.linearisation, jacobian.mask, k=2, start=randn((2, 5, 3, 3)))
 
 
 @pytest.mark.parametrize("confinement", ["ratio", "rank1"])

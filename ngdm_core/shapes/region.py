@@ -4,14 +4,17 @@ A region edit here is an SDEdit under the source's own class (:func:`.edits.sded
 U-Net has its bottleneck shifted by ``strength * direction`` on every call, cond and uncond,
 while the timestep lies in a range. The directions are found at the edit's first state,
 from the same seeded noise, so an edit at strength 0 is the plain reconstruction and the
-difference between the two is the direction's effect alone.
+difference between the two is the direction's effect alone. The shift may be scaled per step
+(:func:`strength_schedule`), or the direction re-found at every step from the edited state
+(:func:`reprojected_edit`), as issue #23's candidates for confinement over the whole edit.
 """
 
 import copy
+from dataclasses import dataclass
 
 import torch
 
-from ..region_jacobian import RegionDirections, region_directions
+from ..region_jacobian import Linearisation, RatioDirections, RegionDirections, ratio_directions, region_directions
 from ..schedule import noise_source
 from ..samplers import sample_euler
 from .edits import PRESERVE_MARGIN, START_NOISE, EditSettings, dilated, guided, item_noise, sdedit, truncated_sigmas
@@ -39,31 +42,67 @@ def bottleneck_function(denoiser: ShapesDenoiser, x: torch.Tensor, sigma, label)
 
 
 class ShiftedBottleneck:
-    """The U-Net with ``strength * direction`` added to its bottleneck at timesteps in ``[low, high]``."""
+    """The U-Net with ``strength * direction`` added to its bottleneck at timesteps in ``[low, high]``.
 
-    def __init__(self, unet, direction: torch.Tensor, strength: float, low: float, high: float):
+    ``weight(t)``, if given, scales the shift per item by a function of its timestep.
+    """
+
+    def __init__(self, unet, direction: torch.Tensor, strength: float, low: float, high: float, weight=None):
         self.unet, self.direction, self.strength, self.low, self.high = unet, direction, strength, low, high
+        self.weight = weight
 
     def shift(self, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        active = ((t >= self.low) & (t <= self.high)).to(h)[:, None, None, None]
-        return h + self.strength * active * self.direction.to(h)
+        active = ((t >= self.low) & (t <= self.high)).to(h)
+        if self.weight is not None:
+            active = active * self.weight(t).to(h)
+        return h + self.strength * active[:, None, None, None] * self.direction.to(h)
 
     def __call__(self, x, t, labels):
         return self.unet(x, t, labels, bottleneck=self.shift)
 
 
 def shifted_denoiser(denoiser: ShapesDenoiser, direction: torch.Tensor, strength: float,
-                     sigma_low: float = 0.0, sigma_high: float = float("inf")) -> ShapesDenoiser:
+                     sigma_low: float = 0.0, sigma_high: float = float("inf"), weight=None) -> ShapesDenoiser:
     """``denoiser`` with its bottleneck shifted along ``direction`` (C, h, w) for sigmas in ``[sigma_low, sigma_high]``.
 
-    A shallow copy: the schedule and the U-Net's weights are shared, and ``denoiser`` is left as it is.
+    ``weight(t)`` (:func:`strength_schedule`) scales the shift by the U-Net's timestep. A shallow
+    copy: the schedule and the U-Net's weights are shared, and ``denoiser`` is left as it is.
     """
     if sigma_low > sigma_high:
         raise ValueError(f"sigma_low ({sigma_low}) must not exceed sigma_high ({sigma_high})")
     shifted = copy.copy(denoiser)
     bounds = denoiser.timestep(torch.tensor([max(sigma_low, 0.0), min(sigma_high, 1e30)]))
-    shifted.unet = ShiftedBottleneck(denoiser.unet, direction, strength, float(bounds[0]), float(bounds[1]))
+    shifted.unet = ShiftedBottleneck(denoiser.unet, direction, strength, float(bounds[0]), float(bounds[1]), weight)
     return shifted
+
+
+SCHEDULE_LEVELS = ("sigma", "timestep")
+
+
+def strength_schedule(denoiser: ShapesDenoiser, sigmas: torch.Tensor, level: str, power: float):
+    """``weight(t)``: a shift's scale at the U-Net's timestep ``t``, ``c * (u / u_0) ** power`` of its level ``u``.
+
+    ``u`` is the step's sigma or its timestep, ``u_0`` the first step's, over an edit's ``sigmas``
+    (its steps' levels, then the last). ``c`` makes the steps' weights sum to what a constant
+    shift's do, ``sum_i w_i (sigma_i - sigma_{i+1}) = sigma_0 - sigma_n``: an Euler step moves
+    the image by its fall in sigma times eps, so to first order the edit's total shift is the
+    constant one's. Power 0 is the constant shift; a positive power falls with the noise, and
+    ``timestep`` at power 1 falls linearly to 0 at timestep 0 (the shapes schedule's last step).
+    """
+    if level not in SCHEDULE_LEVELS:
+        raise ValueError(f"level must be one of {SCHEDULE_LEVELS}, got {level!r}")
+    value_at = denoiser.timestep_to_sigma if level == "sigma" else (lambda t: t)
+    levels = value_at(denoiser.timestep(sigmas[:-1]))
+    if power < 0 and not (levels > 0).all():
+        raise ValueError(f"power must not be negative when a step's {level} is 0, got {power}")
+    first = levels[:1]
+    falls = sigmas[:-1] - sigmas[1:]
+    scale = falls.sum() / ((levels / first) ** power * falls).sum()
+
+    def weight(t: torch.Tensor) -> torch.Tensor:
+        return scale * (value_at(t) / first) ** power
+
+    return weight
 
 
 def trajectory_function(denoiser: ShapesDenoiser, source: torch.Tensor, label, settings: EditSettings,
@@ -115,6 +154,44 @@ def region_edit(denoiser: ShapesDenoiser, source: torch.Tensor, label, direction
     by ``shift * direction`` at every step."""
     return sdedit(shifted_denoiser(denoiser, direction, shift), source, torch.as_tensor(label).reshape(-1),
                   settings, strength)
+
+
+@dataclass
+class ReprojectedEdit:
+    """An edit whose direction was re-found at each step's state, and what re-finding it cost."""
+    image: torch.Tensor
+    directions: torch.Tensor  # (steps, *h.shape[1:]): the direction each step applied
+    products: int  # JVP and VJP vectors of the re-found directions, beyond the search that gave the first
+
+
+def reprojected_edit(denoiser: ShapesDenoiser, source: torch.Tensor, label, mask: torch.Tensor,
+                     first: RatioDirections, shift: float, settings: EditSettings, strength: float, iterations: int,
+                     ridge: float, weight=None) -> ReprojectedEdit:
+    """:func:`region_edit` along ``first``'s top direction, re-found at every later step from the edit's own state.
+
+    At step ``i > 0`` the ratio search (``ridge``, at most ``iterations`` LOBPCG iterations, the
+    node's ``tol``) runs at the bottleneck function of the edited state ``x_i``, warm-started from
+    the previous step's block, and the direction it finds is signed to agree with the previous
+    step's. ``weight`` is :func:`shifted_denoiser`'s. With ``iterations`` 0 every step applies
+    ``first``'s direction: the edit is :func:`region_edit`'s.
+    """
+    if iterations < 0:
+        raise ValueError(f"iterations must not be negative, got {iterations}")
+    sigmas = truncated_sigmas(denoiser, settings, strength)
+    labels = torch.as_tensor(label).reshape(-1)
+    x = edit_start(denoiser, source, settings, strength)[0]
+    direction, block, products, applied = first.vectors[0], first.block, 0, []
+    for step in range(len(sigmas) - 1):
+        if step > 0 and iterations > 0:
+            found = ratio_directions(Linearisation(*bottleneck_function(denoiser, x, sigmas[step], labels)), mask,
+                                     k=1, ridge=ridge, max_iter=iterations, start=block)
+            products += found.jvp_vectors + found.vjp_vectors
+            direction = found.vectors[0] if (found.vectors[0] * direction).sum() >= 0 else -found.vectors[0]
+            block = found.block
+        applied.append(direction)
+        model = guided(shifted_denoiser(denoiser, direction, shift, weight=weight), settings)
+        x = sample_euler(lambda x, sigma: model(x, sigma, labels), x, sigmas[step:step + 2])
+    return ReprojectedEdit(x, torch.stack(applied), products)
 
 
 def edit_leakage(edited: torch.Tensor, unedited: torch.Tensor, mask: torch.Tensor,
