@@ -383,7 +383,8 @@ class ApplyRegionDirection(io.ComfyNode):
             display_name="NGDM Edit: Apply Region Direction",
             category=CATEGORY,
             description="Shifts the U-Net bottleneck by strength times one found direction, on every model call "
-                        "(cond and uncond) between start_percent and end_percent.",
+                        "(cond and uncond) between start_percent and end_percent; with refind_iterations, the "
+                        "direction is re-found at each step's latent.",
             inputs=[
                 io.Model.Input("model", tooltip="The U-Net model the directions were found with; a patched copy is "
                                                 "returned."),
