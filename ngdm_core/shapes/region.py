@@ -172,8 +172,9 @@ def reprojected_edit(denoiser: ShapesDenoiser, source: torch.Tensor, label, mask
     At step ``i > 0`` the ratio search (:func:`~ngdm_core.region_jacobian.refound_direction`:
     ``ridge``, at most ``iterations`` LOBPCG iterations, the node's ``tol``) runs at the bottleneck
     function of the edited state ``x_i``, warm-started from the previous step's block, and the
-    direction it finds is signed to agree with the previous step's. ``weight`` is :func:`shifted_denoiser`'s. With ``iterations`` 0 every step applies
-    ``first``'s direction: the edit is :func:`region_edit`'s.
+    direction it finds is signed to agree with the previous step's; ApplyRegionDirection's
+    ``refind_iterations`` re-finds the same way. ``weight`` is :func:`shifted_denoiser`'s. With
+    ``iterations`` 0 every step applies ``first``'s direction: the edit is :func:`region_edit`'s.
     """
     if iterations < 0:
         raise ValueError(f"iterations must not be negative, got {iterations}")
