@@ -444,7 +444,8 @@ class ApplyRegionDirection(io.ComfyNode):
         patched = model.clone()
         patched.set_model_output_block_patch(shift)
         if refind_iterations:
-            restart, refind = refinding_wrappers(current, directions, index, refind_iterations, sigma_low, sigma_high)
+            restart, refind = refinding_wrappers(current, patched, directions, index, refind_iterations, sigma_low,
+                                                 sigma_high)
             patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, REFIND_KEY, restart)
             patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, REFIND_KEY, refind)
         return io.NodeOutput(patched)
@@ -456,7 +457,7 @@ def require_bottleneck_shape(directions, h):
                          f"this model and latent give {tuple(h.shape[1:])}")
 
 
-def refinding_wrappers(current, directions, index, iterations, sigma_low, sigma_high):
+def refinding_wrappers(current, model, directions, index, iterations, sigma_low, sigma_high):
     """``(restart, refind)``: OUTER_SAMPLE and APPLY_MODEL wrappers that keep ``current["direction"]`` re-found.
 
     ``restart`` begins each sampling run from the found direction and its search's block. ``refind``
@@ -464,26 +465,30 @@ def refinding_wrappers(current, directions, index, iterations, sigma_low, sigma_
     the first call of each later sigma, at that call's latent
     (:func:`ngdm_core.region_jacobian.refound_direction`): the calls of one step (cond and uncond,
     batched or not) share its direction. Closures, not an object's methods: ComfyUI deep-copies a
-    clone's model options, and every copy must share this one state.
+    clone's model options, and every copy must share this one state. ``model`` re-finds until a
+    sampling run names its own.
     """
+    def start(sampling_model):
+        current.update(direction=directions.vectors[index], block=directions.block, sigma=None, model=sampling_model)
+
     def restart(executor, *args, **kwargs):
         # The guider that samples: its model patcher may be a later clone of this node's (a LoRA's, say).
-        current.update(direction=directions.vectors[index], block=directions.block, sigma=None,
-                       model=executor.class_obj.model_patcher)
+        start(executor.class_obj.model_patcher)
         return executor(*args, **kwargs)
 
     def refind(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
         sigma = float(t.max())
         if sigma_low <= sigma <= sigma_high and sigma != current["sigma"]:
+            conditionings = len(transformer_options.get("cond_or_uncond", [None]))
+            if x.shape[0] != conditionings:
+                raise ValueError(f"refind_iterations: re-finding follows one image, but the latent holds "
+                                 f"{x.shape[0] // conditionings}; sample a batch of 1, or set refind_iterations to 0")
             if current["sigma"] is not None:
-                refind_at(x, sigma, len(transformer_options.get("cond_or_uncond", [None])))
+                refind_at(x, sigma)
             current["sigma"] = sigma
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
-    def refind_at(x, sigma, conditionings):
-        if x.shape[0] != conditionings:
-            raise ValueError(f"refind_iterations: re-finding follows one image, but the latent holds "
-                             f"{x.shape[0] // conditionings}; sample a batch of 1, or set refind_iterations to 0")
+    def refind_at(x, sigma):
         comfy.model_management.throw_exception_if_processing_interrupted()
         f, h = bottleneck_function(current["model"], x[:1], sigma, directions.positive)
         require_bottleneck_shape(directions, h)
@@ -493,6 +498,7 @@ def refinding_wrappers(current, directions, index, iterations, sigma_low, sigma_
             progress=lambda done, total: comfy.model_management.throw_exception_if_processing_interrupted())
         current.update(direction=direction, block=found.block)
 
+    start(model)
     return restart, refind
 
 
