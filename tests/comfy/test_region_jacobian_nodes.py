@@ -88,14 +88,22 @@ def bottleneck_recorder(model, records):
     return recorded
 
 
-def test_refind_iterations_0_applies_the_found_direction_bit_for_bit_and_above_0_re_finds_it_each_step(host):
+@pytest.fixture(scope="module")
+def found_for_refinding(host):
+    """A tiny model made under inference mode, as a checkpoint loader leaves it, and its ratio directions."""
+    with torch.inference_mode():
+        model = host.tiny_model("eps")
+        return model, find(host, model, quarter_mask(SIZE), iterations=3)[0]
+
+
+def test_refind_iterations_0_applies_the_found_direction_bit_for_bit_and_above_0_re_finds_it_each_step(
+        host, found_for_refinding):
     import comfy.samplers
     euler = comfy.samplers.sampler_object("euler")
     strength = 30.0
+    model, directions = found_for_refinding
+    found = directions.vectors[0]
     with torch.inference_mode():
-        model = host.tiny_model("eps")
-        directions, _ = find(host, model, quarter_mask(SIZE), iterations=3)
-        found = directions.vectors[0]
         # Today's behaviour written out: the found direction added to the bottleneck on every call.
         by_hand = model.clone()
         by_hand.set_model_output_block_patch(
@@ -129,13 +137,12 @@ def test_refind_iterations_0_applies_the_found_direction_bit_for_bit_and_above_0
     assert (third @ second).item() > 0  # signed to agree with the previous step's
 
 
-def test_refind_iterations_honour_cancel_and_refuse_what_they_cannot_follow(host):
+def test_refind_iterations_honour_cancel_and_refuse_what_they_cannot_follow(host, found_for_refinding):
     import comfy.model_management
     import comfy.sample
     import comfy.samplers
     euler = comfy.samplers.sampler_object("euler")
-    model = host.tiny_model("eps")
-    directions, _ = find(host, model, quarter_mask(SIZE), iterations=2)
+    model, directions = found_for_refinding
     (refinding,) = node("ApplyRegionDirection", model=model, directions=directions, index=0, strength=1.0,
                         start_percent=0.0, end_percent=1.0, refind_iterations=2)
     comfy.model_management.interrupt_current_processing(True)
@@ -149,7 +156,7 @@ def test_refind_iterations_honour_cancel_and_refuse_what_they_cannot_follow(host
         comfy.sample.sample_custom(refinding, torch.randn_like(latent), 2.0, euler,
                                    torch.tensor([sigma for sigma in (14.6, 3.0, 0.0)]), host.tiny_conditioning("p"),
                                    host.tiny_conditioning("n"), latent, disable_pbar=True, seed=0)
-    unconfined, _ = find(host, model, quarter_mask(SIZE), iterations=2, confinement="none")
+    unconfined, _ = find(host, model, quarter_mask(SIZE), iterations=1, confinement="none")
     with pytest.raises(ValueError, match="refind_iterations: re-finding runs the ratio search, but these directions "
                                          "were found with confinement none"):
         node("ApplyRegionDirection", model=model, directions=unconfined, index=0, strength=1.0, start_percent=0.0,
