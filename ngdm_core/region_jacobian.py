@@ -413,6 +413,24 @@ def ratio_directions(linearisation: Linearisation, mask: torch.Tensor, k: int = 
                            **_search_cost(inside.counts, iterations, converged, residual))
 
 
+@_with_autograd
+def refound_direction(linearisation: Linearisation, mask: torch.Tensor, previous: torch.Tensor, block: torch.Tensor,
+                      index: int = 0, ridge: float = 1.0, iterations: int = 3, seed: int = 0,
+                      progress=None) -> tuple:
+    """``(direction, search)``: the ``index``-th ratio direction re-found at ``linearisation``'s ``h``, as an edit
+    re-finds its direction at each step's state.
+
+    The search (:func:`ratio_directions`, ``k = index + 1``, at most ``iterations`` iterations) is
+    warm-started from ``block``, the previous search's; the direction is signed to agree with
+    ``previous`` (a non-negative inner product), since an eigenvector's sign is arbitrary and a
+    flip would reverse the edit mid-way.
+    """
+    found = ratio_directions(linearisation, mask, k=index + 1, ridge=ridge, max_iter=iterations, seed=seed,
+                             progress=progress, start=block)
+    vector = found.vectors[index]
+    return (vector if (vector * previous.to(vector)).sum() >= 0 else -vector), found
+
+
 CONFINEMENTS = ("ratio", "rank1", "none")
 
 

@@ -8,7 +8,7 @@ from torch import nn
 import scipy.linalg
 
 from ngdm_core.region_jacobian import (GUARD_VECTORS, Directions, confine, masked_jacobian, ratio_directions,
-                                       region_directions, top_directions, top_directions_sequential)
+                                       refound_direction, region_directions, top_directions, top_directions_sequential)
 
 H_SHAPE, EPS_SHAPE = (1, 6, 3, 3), (1, 2, 6, 6)
 VARIANTS = [top_directions, top_directions_sequential]
@@ -279,6 +279,23 @@ def test_a_search_started_from_a_converged_block_converges_at_its_first_iteratio
     assert warm.jvp_vectors == 2 * len(cold.block) and warm.vjp_vectors == 2 * len(cold.block)
     with pytest.raises(ValueError, match="start must hold rows of h's shape"):
         ratio_directions(jacobian.linearisation, jacobian.mask, k=2, start=randn((2, 5, 3, 3)))
+
+
+def test_a_refound_direction_is_the_indexed_ratio_direction_signed_to_agree_with_the_previous_one():
+    matrix, mask = outside_heavy_map(), soft_mask()
+    jacobian = masked_jacobian(linear_model(matrix), randn(H_SHAPE), mask)
+    cold = ratio_directions(jacobian.linearisation, jacobian.mask, k=2, tol=1e-8, max_iter=500)
+    for index in (0, 1):
+        vector = cold.vectors[index]
+        for previous in (vector, -vector):
+            direction, search = refound_direction(jacobian.linearisation, jacobian.mask, previous, cold.block, index,
+                                                  iterations=3)
+            # From a converged block the warm search lands on the same direction (the test above): the sign
+            # is then the previous one's, whichever it was.
+            assert search.vectors.shape[0] == index + 1 and search.iterations <= 3
+            assert abs_cosines(direction[None], vector[None]).item() >= 0.999
+            assert (direction * previous).sum() > 0
+            torch.testing.assert_close(direction.norm(), torch.tensor(1.0, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("confinement", ["ratio", "rank1"])

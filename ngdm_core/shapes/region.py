@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..region_jacobian import Linearisation, RatioDirections, RegionDirections, ratio_directions, region_directions
+from ..region_jacobian import Linearisation, RatioDirections, RegionDirections, refound_direction, region_directions
 from ..schedule import noise_source
 from ..samplers import sample_euler
 from .edits import PRESERVE_MARGIN, START_NOISE, EditSettings, dilated, guided, item_noise, sdedit, truncated_sigmas
@@ -169,11 +169,12 @@ def reprojected_edit(denoiser: ShapesDenoiser, source: torch.Tensor, label, mask
                      ridge: float, weight=None) -> ReprojectedEdit:
     """:func:`region_edit` along ``first``'s top direction, re-found at every later step from the edit's own state.
 
-    At step ``i > 0`` the ratio search (``ridge``, at most ``iterations`` LOBPCG iterations, the
-    node's ``tol``) runs at the bottleneck function of the edited state ``x_i``, warm-started from
-    the previous step's block, and the direction it finds is signed to agree with the previous
-    step's. ``weight`` is :func:`shifted_denoiser`'s. With ``iterations`` 0 every step applies
-    ``first``'s direction: the edit is :func:`region_edit`'s.
+    At step ``i > 0`` the ratio search (:func:`~ngdm_core.region_jacobian.refound_direction`:
+    ``ridge``, at most ``iterations`` LOBPCG iterations, the node's ``tol``) runs at the bottleneck
+    function of the edited state ``x_i``, warm-started from the previous step's block, and the
+    direction it finds is signed to agree with the previous step's; ApplyRegionDirection's
+    ``refind_iterations`` re-finds the same way. ``weight`` is :func:`shifted_denoiser`'s. With
+    ``iterations`` 0 every step applies ``first``'s direction: the edit is :func:`region_edit`'s.
     """
     if iterations < 0:
         raise ValueError(f"iterations must not be negative, got {iterations}")
@@ -183,10 +184,9 @@ def reprojected_edit(denoiser: ShapesDenoiser, source: torch.Tensor, label, mask
     direction, block, products, applied = first.vectors[0], first.block, 0, []
     for step in range(len(sigmas) - 1):
         if step > 0 and iterations > 0:
-            found = ratio_directions(Linearisation(*bottleneck_function(denoiser, x, sigmas[step], labels)), mask,
-                                     k=1, ridge=ridge, max_iter=iterations, start=block)
+            direction, found = refound_direction(Linearisation(*bottleneck_function(denoiser, x, sigmas[step], labels)),
+                                                 mask, direction, block, ridge=ridge, iterations=iterations)
             products += found.jvp_vectors + found.vjp_vectors
-            direction = found.vectors[0] if (found.vectors[0] * direction).sum() >= 0 else -found.vectors[0]
             block = found.block
         applied.append(direction)
         model = guided(shifted_denoiser(denoiser, direction, shift, weight=weight), settings)

@@ -76,6 +76,93 @@ def test_the_ratio_directions_leak_less_than_unconfined_ones_at_the_probe_and_af
     assert sampled["ratio"] < min(1.0, sampled["none"])
 
 
+def bottleneck_recorder(model, records):
+    """A clone of ``model`` that appends ``(sigma, h)`` at the bottleneck, after the output block patches before it."""
+    def record(h, hsp, transformer_options):
+        if transformer_options.get("block") == ("output", 0):
+            records.append((float(transformer_options["sigmas"].max()), h.detach().clone()))
+        return h, hsp
+
+    recorded = model.clone()
+    recorded.set_model_output_block_patch(record)
+    return recorded
+
+
+@pytest.fixture(scope="module")
+def found_for_refinding(host):
+    """A tiny model made under inference mode, as a checkpoint loader leaves it, and its ratio directions."""
+    with torch.inference_mode():
+        model = host.tiny_model("eps")
+        return model, find(host, model, quarter_mask(SIZE), iterations=3)[0]
+
+
+def test_refind_iterations_0_applies_the_found_direction_bit_for_bit_and_above_0_re_finds_it_each_step(
+        host, found_for_refinding):
+    import comfy.samplers
+    euler = comfy.samplers.sampler_object("euler")
+    strength = 30.0
+    model, directions = found_for_refinding
+    found = directions.vectors[0]
+    with torch.inference_mode():
+        # Today's behaviour written out: the found direction added to the bottleneck on every call.
+        by_hand = model.clone()
+        by_hand.set_model_output_block_patch(
+            lambda h, hsp, options: (h + strength * found.to(h) if options.get("block") == ("output", 0) else h, hsp))
+        expected = host.sample_with_weights(by_hand, euler, None, steps=3, size=SIZE)[-1]
+        for widgets in ({}, {"refind_iterations": 0}):
+            (fixed,) = node("ApplyRegionDirection", model=model, directions=directions, index=0, strength=strength,
+                            start_percent=0.0, end_percent=1.0, **widgets)
+            assert torch.equal(host.sample_with_weights(fixed, euler, None, steps=3, size=SIZE)[-1], expected)
+        before, after = [], []
+        (refinding,) = node("ApplyRegionDirection", model=bottleneck_recorder(model, before), directions=directions,
+                            index=0, strength=strength, start_percent=0.0, end_percent=1.0, refind_iterations=2)
+        output = host.sample_with_weights(bottleneck_recorder(refinding, after), euler, None, steps=3, size=SIZE)[-1]
+    assert torch.isfinite(output).all()
+    # One batched call (cond and uncond) per Euler step; the shift it applied, per row, as a direction.
+    assert [sigma for sigma, _ in before] == [sigma for sigma, _ in after] and len(after) == 3
+    applied = [(shifted - plain) / strength for (_, plain), (_, shifted) in zip(before, after)]
+    # (plain + strength * d) - plain rounds once at the sum's magnitude: half an ulp of the largest value, over the
+    # strength; twice that bounds the difference's own (exact or one more half-ulp) rounding.
+    tolerance = max(2 * torch.finfo(torch.float32).eps * shifted.abs().max().item() / strength
+                    for _, shifted in after)
+    for step in applied:
+        torch.testing.assert_close(step[0], step[1], rtol=0, atol=2 * tolerance)  # cond and uncond share it
+    torch.testing.assert_close(applied[0][0], found, rtol=0, atol=tolerance)  # the first step keeps the found one
+    second, third = applied[1][0].flatten(), applied[2][0].flatten()
+    # Unit length up to each entry's rounding, summed in quadrature over the entries.
+    assert abs(third.norm().item() - 1) <= tolerance * third.numel() ** 0.5
+    cosine = (third @ found.flatten()).item()
+    print(f"refind_iterations 2: step 2's direction against the found one, cosine {cosine:.4f}")
+    assert (third - found.flatten()).abs().max() > 100 * tolerance  # re-found: not the found direction
+    assert (third @ second).item() > 0  # signed to agree with the previous step's
+
+
+def test_refind_iterations_honour_cancel_and_refuse_what_they_cannot_follow(host, found_for_refinding):
+    import comfy.model_management
+    import comfy.sample
+    import comfy.samplers
+    euler = comfy.samplers.sampler_object("euler")
+    model, directions = found_for_refinding
+    (refinding,) = node("ApplyRegionDirection", model=model, directions=directions, index=0, strength=1.0,
+                        start_percent=0.0, end_percent=1.0, refind_iterations=2)
+    comfy.model_management.interrupt_current_processing(True)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            host.sample_with_weights(refinding, euler, None, steps=3, size=SIZE)
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    latent = torch.randn(2, 4, SIZE, SIZE, generator=torch.manual_seed(1))
+    with pytest.raises(ValueError, match="refind_iterations: re-finding follows one image, but the latent holds 2"):
+        comfy.sample.sample_custom(refinding, torch.randn_like(latent), 2.0, euler,
+                                   torch.tensor([sigma for sigma in (14.6, 3.0, 0.0)]), host.tiny_conditioning("p"),
+                                   host.tiny_conditioning("n"), latent, disable_pbar=True, seed=0)
+    unconfined, _ = find(host, model, quarter_mask(SIZE), iterations=1, confinement="none")
+    with pytest.raises(ValueError, match="refind_iterations: re-finding runs the ratio search, but these directions "
+                                         "were found with confinement none"):
+        node("ApplyRegionDirection", model=model, directions=unconfined, index=0, strength=1.0, start_percent=0.0,
+             end_percent=1.0, refind_iterations=2)
+
+
 def test_the_example_workflow_runs_under_the_executor(host):
     host.TINY_MODEL_KIND["kind"] = "eps"
     prompt = host.load_workflow("region_direction_edit", 6)
