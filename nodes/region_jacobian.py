@@ -99,12 +99,17 @@ def model_inputs(model, x, sigma, positive):
     return inputs.to(dtype), model_sampling.timestep(sigma_batch).float(), extra
 
 
+def positive_control(positive):
+    """The ControlNet chain on ``positive``'s first conditioning, or None."""
+    return comfy.sampler_helpers.convert_cond(positive)[0].get("control")
+
+
 def controlnet_residuals(model, x, sigma, positive, conds):
     """The residuals of the ControlNets on ``positive`` at ``x`` and ``sigma``, as the sampler computes them; or None.
 
     They do not depend on the bottleneck, so they are computed once and fed to every U-Net call.
     """
-    control = comfy.sampler_helpers.convert_cond(positive)[0].get("control")
+    control = positive_control(positive)
     if control is None:
         return None
     model_sampling = model.get_model_object("model_sampling")
@@ -425,6 +430,10 @@ class ApplyRegionDirection(io.ComfyNode):
         if refind_iterations and directions.confinement != "ratio":
             raise ValueError(f"refind_iterations: re-finding runs the ratio search, but these directions were found "
                              f"with confinement {directions.confinement}; use ratio, or refind_iterations 0")
+        if refind_iterations and positive_control(directions.positive) is not None:
+            # Re-finding would run the ControlNet's pre_run and cleanup in the middle of the sampler's own use of it.
+            raise ValueError("refind_iterations: re-finding during sampling does not support a ControlNet on the "
+                             "positive the directions were found with; set refind_iterations to 0")
         if start_percent > end_percent:
             raise ValueError(f"start_percent ({start_percent}) must not exceed end_percent ({end_percent})")
         model_sampling = model.get_model_object("model_sampling")

@@ -190,7 +190,7 @@ def region_direction(index=7, source_class="square", denoise=0.5, strength=30.0,
     results = []
     for shift in (-strength, 0.0, strength):
         shifted = g.add("ApplyRegionDirection", model=(loader, 0), directions=(directions, 0), index=0,
-                        strength=shift, start_percent=0.0, end_percent=1.0)
+                        strength=shift, start_percent=0.0, end_percent=1.0, refind_iterations=0)
         results.append((_ksampler(g, (shifted, 0), (classes["source"], 0), classes, (latent, 0), denoise), 0))
     _show(g, loader, source, results)
     return g

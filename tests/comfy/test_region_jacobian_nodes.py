@@ -302,6 +302,12 @@ def test_a_controlnet_on_positive_reaches_the_bottleneck_function(host):
         host.tiny_conditioning("p"), host.tiny_conditioning("n"), host.tiny_controlnet(), hint, 1.0, 0.9, 1.0)
     assert torch.equal(find(host, model, quarter_mask(SIZE), k=1, iterations=5, positive=inactive)[0].vectors,
                        plain.vectors)
+    # Re-finding during sampling would pre_run and clean up the ControlNet the sampler is using: refused.
+    with pytest.raises(ValueError, match="refind_iterations: re-finding during sampling does not support a ControlNet"):
+        node("ApplyRegionDirection", model=model, directions=with_control, index=0, strength=1.0, start_percent=0.0,
+             end_percent=1.0, refind_iterations=2)
+    node("ApplyRegionDirection", model=model, directions=with_control, index=0, strength=1.0, start_percent=0.0,
+         end_percent=1.0, refind_iterations=0)
 
 
 @pytest.mark.parametrize("confinement", ["ratio", "rank1", "none"])
