@@ -14,6 +14,7 @@ import comfy.utils
 import torch
 from server import PromptServer
 
+from ..ngdm_core.frozen_layers import frozen_layers
 from ..ngdm_core.ngdm import start_sigmas
 from ..ngdm_core.validation import all_finite, require_finite_tensor, require_sigma_schedule
 
@@ -41,6 +42,12 @@ def host_weight_and_bias(layer, x):
     """The weights a ComfyUI linear or conv layer computes with: its own cast path, with weight patches (LoRA),
     offloading and fp16/bf16/fp8 storage handled as its forward would."""
     return comfy.ops.cast_bias_weight(layer, x)
+
+
+def unet_layers(diffusion_model, prefixes):
+    """The linear and conv layers (:func:`~ngdm_core.frozen_layers.frozen_layers`) of the U-Net's top-level blocks
+    whose parameter names start with one of ``prefixes`` (``"output_blocks."``, ``"out."``, ...)."""
+    return frozen_layers(module for name, module in diffusion_model.named_children() if f"{name}." in prefixes)
 
 
 def compute_dtype(model):

@@ -15,12 +15,12 @@ import torch
 from comfy_api.latest import io, ui
 from torch import nn
 
-from ..ngdm_core.frozen_layers import frozen_forward, frozen_layers
+from ..ngdm_core.frozen_layers import frozen_forward
 from ..ngdm_core.rectifier import (Rectifier, conv_targets, read_rectifier, rectified, require_finite_rectifier,
                                    require_fits, save_rectifier, train_edit_rectifier, train_rectifier)
 from ..ngdm_core.schedule import per_item
 from .host import (CATEGORY, compute_dtype, host_weight_and_bias, model_conditioning, progress_reporter,
-                   require_conditioning, require_image_latent, show_node_text)
+                   require_conditioning, require_image_latent, show_node_text, unet_layers)
 from .previews import loss_curve
 from .rectifier_embeddings import LatentImageEmbedding, image_embedding_width, require_one_space, text_embedding
 from .region_jacobian import require_bottleneck_size
@@ -129,7 +129,7 @@ def trainable_unet(model, x0, conditioning):
     model_sampling = model.get_model_object("model_sampling")
     conditioning = model_conditioning(model, x0[:1], conditioning)
     source = base_model.diffusion_model
-    referenced = {id(tensor) for layer in frozen_layers([source]) for tensor in layer.parameters()}
+    referenced = {id(tensor) for layer in unet_layers(source, GRADIENT_PATH) for tensor in layer.parameters()}
     with torch.inference_mode(False):
         shared = {id(tensor): nn.Parameter(tensor.detach(), requires_grad=False)
                   for name, tensor in source.named_parameters()
@@ -140,8 +140,7 @@ def trainable_unet(model, x0, conditioning):
     # to rectified(), which shadows theirs while it runs.
     targets = {id(diffusion_model.get_submodule(name.removeprefix("diffusion_model.")))
                for name in conv_targets(base_model, TARGET_BLOCKS)}
-    path = [module for name, module in diffusion_model.named_children() if f"{name}." in GRADIENT_PATH]
-    for layer in frozen_layers(path):
+    for layer in unet_layers(diffusion_model, GRADIENT_PATH):
         if id(layer) not in targets:
             layer.forward = frozen_forward(layer, host_weight_and_bias)
     sigmas = model_sampling.sigmas.to(x0.device, torch.float32)

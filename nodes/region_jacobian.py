@@ -13,12 +13,12 @@ from comfy_api.latest import io, ui
 
 from ..ngdm_core.chunked_attention import blocked_attention, rows_per_block
 from ..ngdm_core.edge_preserving import resize_to_latent
-from ..ngdm_core.frozen_layers import frozen_layers, referenced_weights
+from ..ngdm_core.frozen_layers import referenced_weights
 from ..ngdm_core.region_jacobian import CONFINEMENTS, GUARD_VECTORS, Linearisation, refound_direction, region_directions
 from ..ngdm_core.schedule import noise_source
 from .host import (CATEGORY, compute_dtype, host_weight_and_bias, items_per_call, model_conditioning,
                    ordered_widgets, parametrization, progress_reporter, require_conditioning, require_image_latent,
-                   show_node_text, to_image_resolution)
+                   show_node_text, to_image_resolution, unet_layers)
 
 BOTTLENECK = ("output", 0)
 # The U-Net's modules that run after its bottleneck, by parameter name prefix.
@@ -141,23 +141,17 @@ def jacobian_weights(diffusion_model):
     """The U-Net's weights and buffers by name for the Jacobian's calls, detached.
 
     Those after the bottleneck must be ones autograd can save for backward, except the linear and
-    conv layers' (:func:`referenced_layers`): each other one that is an inference tensor (the norm
-    layers') is cloned. The others are the model's own tensors.
+    conv layers' (they keep a reference, :mod:`ngdm_core.frozen_layers`): each other one that is an
+    inference tensor (the norm layers') is cloned. The others are the model's own tensors.
     """
-    referenced = {id(tensor) for layer in referenced_layers(diffusion_model) for tensor in layer.parameters()}
+    referenced = {id(tensor) for layer in unet_layers(diffusion_model, AFTER_BOTTLENECK)
+                  for tensor in layer.parameters()}
 
     def after_bottleneck(tensor):
         return tensor.detach().clone() if tensor.is_inference() and id(tensor) not in referenced else tensor.detach()
 
     return {name: after_bottleneck(tensor) if name.startswith(AFTER_BOTTLENECK) else tensor.detach()
             for name, tensor in itertools.chain(diffusion_model.named_parameters(), diffusion_model.named_buffers())}
-
-
-def referenced_layers(diffusion_model):
-    """The linear and conv layers after the bottleneck: during the Jacobian's products they keep a reference to
-    their weights instead of saving them (:mod:`ngdm_core.frozen_layers`), so those weights are not copied."""
-    return frozen_layers(module for name, module in diffusion_model.named_children()
-                         if f"{name}." in AFTER_BOTTLENECK)
 
 
 def blocked_attention_override(host_attention, q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False,
@@ -190,9 +184,9 @@ def bottleneck_function(model, x, sigma, positive):
     Only the blocks after the bottleneck (the output blocks and the final layer) see ``h``, so
     only their layers enter the Jacobian's reverse-mode products: the linear and conv layers keep a
     reference to their weights, and the few other tensors loaded under ComfyUI's inference mode
-    (the norm layers') are cloned (:func:`jacobian_weights`). Everything before the bottleneck (time embedding, input
-    blocks, middle block) depends only on ``x`` and runs on the model's own weights with no
-    gradient recorded. Inputs are in the U-Net's compute dtype, and the ControlNets on
+    (the norm layers') are cloned (:func:`jacobian_weights`). Everything before the bottleneck
+    (time embedding, input blocks, middle block) depends only on ``x`` and runs on the model's own
+    weights with no gradient recorded. Inputs are in the U-Net's compute dtype, and the ControlNets on
     ``positive`` add their residuals. Attention runs blocked (:func:`blocked_attention_override`).
     """
     diffusion_model = require_unet(model)
@@ -201,7 +195,7 @@ def bottleneck_function(model, x, sigma, positive):
     context = extra.pop("c_crossattn", None)
     with torch.inference_mode(False):
         weights = jacobian_weights(diffusion_model)
-        layers = referenced_layers(diffusion_model)
+        layers = unet_layers(diffusion_model, AFTER_BOTTLENECK)
         arguments = [tensor.clone() for tensor in (inputs, timestep)]
         keywords = {name: value.clone() if torch.is_tensor(value) else value for name, value in extra.items()}
         context = None if context is None else context.clone()
